@@ -1,0 +1,84 @@
+"""The ``sparse`` torch.compile backend: options -> analysis -> passes -> lowering.
+
+Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, so
+``torch.compile(model, backend="sparse", options={...})`` works without importing this package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+
+from ._torch_internals import compile_with_inductor
+from .analysis import analyze
+from .explain import GraphReport, format_analysis
+from .options import SparseOptions, parse_options
+from .passes import method_for_config
+
+log = logging.getLogger("compile_sparse")
+
+class PassError(RuntimeError):
+    """A compression pass failed; the message names it and the passes that ran before it."""
+
+
+class _DebugDump:
+    """Writes the graph before and after every pass to ``debug_dir/graph_NNN/``."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        index = len([p for p in root.iterdir() if p.name.startswith("graph_")])
+        self.dir = root / f"graph_{index:03d}"
+        self.dir.mkdir()
+        self.step = 0
+
+    def graph(self, name: str, gm: fx.GraphModule) -> None:
+        path = self.dir / f"{self.step:02d}_{name}.py"
+        path.write_text(f"# {name}\n{gm.code}\n\n'''\n{gm.graph}\n'''\n")
+        self.step += 1
+
+    def text(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text)
+
+
+def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions) -> tuple[fx.GraphModule, GraphReport]:
+    """Run the analysis and the passes the options ask for; returns the rewritten graph and a report."""
+    dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
+    analysis = analyze(gm, example_inputs)
+    report = GraphReport(analysis=analysis.summary(), passes=[])
+    if dump:
+        dump.graph("captured", gm)
+        dump.text("analysis.txt", format_analysis(report.analysis))
+        dump.text("analysis.json", json.dumps(report.analysis, indent=1, default=str))
+    done: list[str] = []
+    for family, config in options.methods.items():
+        method = method_for_config(config)
+        log.info("running %s pass %s", family, method.name)
+        try:
+            result = method.apply(gm, analysis, config)
+        except Exception as err:
+            raise PassError(f"{family} pass {method.name!r} failed (passes run before it: {', '.join(done) or 'none'}): "
+                            f"{type(err).__name__}: {err}") from err
+        gm.graph.lint()
+        gm.recompile()
+        done.append(f"{family}:{method.name}")
+        report.passes.append(result.to_dict())
+        if dump:
+            dump.graph(f"after_{family}_{method.name}", gm)
+        analysis = analyze(gm, example_inputs)
+    if dump:
+        dump.graph("final", gm)
+    return gm, report
+
+
+def sparse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
+                   mode: str | None = None) -> Callable:
+    """torch.compile backend. ``options`` as in compile_sparse.options; ``mode`` goes to Inductor."""
+    parsed = parse_options(options)
+    gm, _ = transform_graph(gm, example_inputs, parsed)
+    if parsed.lowering == "eager":
+        return gm.forward
+    return compile_with_inductor(gm, example_inputs, mode)
