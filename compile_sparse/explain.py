@@ -136,7 +136,7 @@ class Report:
 def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None, **kwargs: Any) -> Report:
     """Run ``model_or_fn(*args, **kwargs)`` once under Dynamo with the sparse pipeline (lowered
     eagerly, so it is cheap) and report the sites found and what each pass did to them."""
-    from .backend import transform_graph
+    from .backend import PassError, transform_graph
 
     parsed = parse_options(options)
     graphs: list[GraphReport] = []
@@ -146,6 +146,13 @@ def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None
         graphs.append(report)
         return gm.forward
 
-    with torch.no_grad():
-        torch.compile(model_or_fn, backend=backend)(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            torch.compile(model_or_fn, backend=backend)(*args, **kwargs)
+    except Exception as err:
+        # Dynamo wraps what a backend raises; hand the pass's own error to the caller.
+        inner = getattr(err, "inner_exception", None)
+        if isinstance(inner, (PassError, ValueError)):
+            raise inner from None
+        raise
     return Report(options=parsed.to_dict(), graphs=graphs)

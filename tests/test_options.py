@@ -1,0 +1,90 @@
+"""Options: parsing, validation, recipes, and the errors a user sees."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from compile_sparse import RECIPES, parse_options
+from compile_sparse.passes import PassResult, register, unregister
+
+
+@dataclass
+class KeepConfig:
+    budget: int = 8
+
+    def __post_init__(self):
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+
+
+@pytest.fixture
+def keep_method():
+    register("kv", "keep", KeepConfig)(lambda gm, analysis, config: PassResult("keep", "kv"))
+    yield
+    unregister("kv", "keep")
+
+
+def test_no_options_is_the_default_recipe():
+    for empty in (None, {}):
+        parsed = parse_options(empty)
+        assert parsed.recipe == "dense" and parsed.methods == {} and parsed.lowering == "inductor"
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option key\(s\) 'tokenz'; valid keys: prune, tokens, kv, recipe, "
+                                         r"lowering, debug_dir"):
+        parse_options({"tokenz": "lazyllm"})
+
+
+@pytest.mark.parametrize("family", ["kv", "tokens", "prune"])
+def test_family_without_methods_says_what_is_available(family):
+    with pytest.raises(ValueError, match=f"unknown {family} method 'x'; available {family} methods: none yet"):
+        parse_options({family: "x"})
+
+
+def test_method_name_dict_and_config_object_are_the_same(keep_method):
+    by_name = parse_options({"kv": "keep"}).methods["kv"]
+    by_dict = parse_options({"kv": {"method": "keep", "budget": 8}}).methods["kv"]
+    by_object = parse_options({"kv": KeepConfig(8)}).methods["kv"]
+    assert by_name == by_dict == by_object == KeepConfig(8)
+    assert parse_options({"kv": {"method": "keep", "budget": 4}}).to_dict()["kv"] == {"method": "keep", "budget": 4}
+
+
+def test_unknown_parameter_lists_the_valid_ones(keep_method):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) ratio for kv method 'keep'; valid parameters: budget"):
+        parse_options({"kv": {"method": "keep", "ratio": 0.5}})
+
+
+def test_missing_method_and_wrong_family(keep_method):
+    with pytest.raises(ValueError, match="has no 'method'; available kv methods: keep"):
+        parse_options({"kv": {"budget": 3}})
+    with pytest.raises(ValueError, match=r"options\['prune'\] got a kv config \(KeepConfig\)"):
+        parse_options({"prune": KeepConfig()})
+    with pytest.raises(ValueError, match="must be a method name"):
+        parse_options({"kv": 3})
+
+
+def test_bad_values_are_shown(keep_method):
+    with pytest.raises(ValueError, match="budget must be >= 1, got 0"):
+        parse_options({"kv": {"method": "keep", "budget": 0}})
+    with pytest.raises(ValueError, match="unknown lowering 'tvm'; valid: inductor, eager"):
+        parse_options({"lowering": "tvm"})
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: dense"):
+        parse_options({"recipe": "fast"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_options("{kv: }")
+    with pytest.raises(ValueError, match="must be a dict, got list"):
+        parse_options(["kv"])
+
+
+def test_json_text_and_recipe_merge(keep_method, monkeypatch):
+    monkeypatch.setitem(RECIPES, "small", {"kv": {"method": "keep", "budget": 2}, "lowering": "eager"})
+    parsed = parse_options('{"recipe": "small", "lowering": "inductor"}')
+    assert parsed.methods["kv"] == KeepConfig(2) and parsed.lowering == "inductor" and parsed.recipe == "small"
+
+
+def test_registering_twice_is_refused(keep_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register("kv", "keep", KeepConfig)(lambda *a: None)
+    with pytest.raises(ValueError, match="unknown family 'weights'"):
+        register("weights", "x", KeepConfig)

@@ -1,0 +1,51 @@
+"""Random small Llama and GPT-2 configs: the analysis counts match the config, compiled equals eager."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compile_sparse import models
+
+from .helpers import sites
+
+SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _check(model, layers, heads, kv_heads, head_dim, intermediate, gated):
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    report = sites(model, input_ids=ids)
+    assert report.totals()["attention_sites"] == layers and report.totals()["mlp_sites"] == layers
+    assert report.skipped == []
+    for s in report.attention_sites:
+        assert (s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"]) == (heads, kv_heads, head_dim, True)
+    for s in report.mlp_sites:
+        assert (s["intermediate_size"], s["gated"]) == (intermediate, gated)
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.compiler.reset()
+        out = torch.compile(model, backend="sparse", fullgraph=True)(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1.3e-6)
+
+
+@st.composite
+def llama_configs(draw):
+    kv_heads = draw(st.integers(1, 3))
+    heads = kv_heads * draw(st.integers(1, 3))
+    return dict(layers=draw(st.integers(1, 3)), heads=heads, kv_heads=kv_heads,
+                head_dim=draw(st.sampled_from([8, 16])), intermediate=draw(st.integers(8, 80)))
+
+
+@given(llama_configs())
+@settings(**SETTINGS)
+def test_random_llama(cfg):
+    model = models.tiny_llama(**cfg)
+    _check(model, cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["intermediate"], gated=True)
+
+
+@given(layers=st.integers(1, 3), heads=st.integers(1, 4), head_dim=st.sampled_from([8, 16]),
+       attn=st.sampled_from(["sdpa", "eager"]))
+@settings(**SETTINGS)
+def test_random_gpt2(layers, heads, head_dim, attn):
+    model = models.tiny_gpt2(layers=layers, heads=heads, head_dim=head_dim, attn_implementation=attn)
+    _check(model, layers, heads, heads, head_dim, 4 * heads * head_dim, gated=False)
