@@ -104,9 +104,12 @@ def test_bert_padding_mask_is_not_causal():
     assert [s["causal"] for s in report.attention_sites] == [False, False]
 
 
-def test_model_without_attention_reports_why():
+def test_model_without_attention_runs_unchanged_and_reports_why():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
-    report = sites(model, torch.randn(2, 8))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="sparse")(x), model(x), atol=1e-6, rtol=1e-6)
+    report = sites(model, x)
     assert report.totals()["attention_sites"] == 0 and report.totals()["mlp_sites"] == 0
     assert any("no attention and no MLP found" in n for n in report.notes())
     assert "no attention and no MLP found" in str(report)
