@@ -35,13 +35,13 @@ def _name(node: fx.Node) -> str:
 
 
 _SOFTMAX = {"softmax"}
-_MATMUL = {"matmul", "bmm"}
+_MATMUL = ("matmul", "bmm")
 # Pointwise ops an MLP's intermediate activation may pass through between the up and down projections.
 _POINTWISE = {
     "mul", "add", "sub", "truediv", "div", "neg", "pow", "tanh", "sigmoid", "silu", "gelu", "relu",
     "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "hardswish", "hardsigmoid", "softplus",
     "erf", "exp", "sqrt", "rsqrt", "abs", "clamp", "square", "dropout", "to", "type", "float",
-    "half", "bfloat16", "contiguous", "view", "reshape", "clone", "identity",
+    "half", "bfloat16", "contiguous", "view", "reshape", "clone",
     "mul_", "add_", "sigmoid_", "relu_", "gelu_", "silu_",
 }
 _ACTIVATIONS = {
@@ -472,9 +472,14 @@ def _is_causal_mask(allowed: torch.Tensor, q_len: int, kv_len: int) -> bool | No
 # ---------------------------------------------------------------------------------------------
 
 
+_SCALE_OPS = ("mul", "truediv", "div", "to", "type", "float", "contiguous")
+
+
 def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
     """For ``matmul(softmax(f(matmul(q, k^T))), v)`` return (q, k^T, v, the p @ v node, mask, how),
-    where f scales and masks the scores and ``how`` says how the mask is applied (see _allowed)."""
+    where f scales and masks the scores and ``how`` says how the mask is applied (see _allowed).
+    None when the softmax does not feed a matmul (not attention); AnalysisError when it does but
+    the scores are not understood."""
     dim = _arg(softmax, 1, "dim", None)
     rank = len(_shape(softmax) or ())
     if dim is None or rank < 2 or dim % rank != rank - 1:
@@ -499,13 +504,12 @@ def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
         name = _name(node)
         if name in _MATMUL:
             return node.args[0], node.args[1], pv.args[1], pv, mask, how
-        if name in ("mul", "truediv", "div", "to", "type", "float", "contiguous"):
+        if name in _SCALE_OPS:
             node = node.args[0] if isinstance(node.args[0], fx.Node) else node.args[1]
         elif name == "add":
             a, b = node.args[0], node.args[1]
-            chain = a if _shape(a) is not None and _shape(a) == _shape(node) and _name(a) != "" else b
-            mask, how = (b if chain is a else a), "additive"
-            node = chain
+            scores_first = _name(a) in _MATMUL + _SCALE_OPS or _name(b) not in _MATMUL + _SCALE_OPS
+            node, mask, how = (a, b, "additive") if scores_first else (b, a, "additive")
         elif name == "masked_fill":
             mask, how, node = node.args[1], "bool_block", node.args[0]
         elif name == "where":
@@ -513,14 +517,16 @@ def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
             mask, how = node.args[0], ("bool_keep" if keep_scores else "bool_block")
             node = node.args[1] if keep_scores else node.args[2]
         else:
-            return None
+            break
         if not isinstance(node, fx.Node):
-            return None
-    return None
+            break
+    raise AnalysisError(f"softmax feeds matmul {pv.name}, but its scores do not come from matmul(q, k^T) "
+                        "through scaling and masking")
 
 
 def _attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any], outputs: set[fx.Node],
-                    ordinal: int) -> AttentionSite:
+                    ordinal: int) -> AttentionSite | None:
+    """The site of an SDPA call or a softmax; None for a softmax that is not attention."""
     if _name(node) == "scaled_dot_product_attention":
         form = "sdpa"
         q, k, v = node.args[:3]
@@ -532,7 +538,7 @@ def _attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[
         form = "matmul_softmax"
         matched = _match_matmul_softmax(node)
         if matched is None:
-            raise AnalysisError("softmax over the last dim is not between matmul(q, k^T) and matmul(p, v)")
+            return None
         q, k_t, v, out_node, mask, how = matched
         k = k_t
         flag_causal = False
@@ -688,10 +694,7 @@ def _split_gate(ups: list[LinearOp]) -> tuple[LinearOp | None, LinearOp]:
 
 def _attention_candidates(graph: fx.Graph) -> Iterable[fx.Node]:
     for node in graph.nodes:
-        name = _name(node)
-        if name == "scaled_dot_product_attention":
-            yield node
-        elif name in _SOFTMAX:
+        if _name(node) == "scaled_dot_product_attention" or _name(node) in _SOFTMAX:
             yield node
 
 
@@ -705,11 +708,12 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphAnalysis:
     outputs = _graph_outputs(gm.graph)
     for node in _attention_candidates(gm.graph):
         try:
-            result.attention.append(_attention_site(gm, node, example_inputs, outputs, len(result.attention)))
+            site = _attention_site(gm, node, example_inputs, outputs, len(result.attention))
         except AnalysisError as err:
-            if _name(node) in _SOFTMAX and _match_matmul_softmax(node) is None:
-                continue  # a softmax that is not attention (e.g. the model's output head)
             result.skipped.append(SkippedRegion("attention", node.name, _module_path(node), str(err)))
+            continue
+        if site is not None:
+            result.attention.append(site)
     attention_projections = {id(p.node) for s in result.attention for p in (s.q, s.k, s.v, s.o) if p is not None}
     for node in gm.graph.nodes:
         down = as_linear(node)

@@ -55,6 +55,8 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
         dump.text("analysis.json", json.dumps(report.analysis, indent=1, default=str))
     done: list[str] = []
     for family, config in options.methods.items():
+        if done:
+            analysis = analyze(gm, example_inputs)  # the previous pass changed the graph
         method = method_for_config(config)
         log.info("running %s pass %s", family, method.name)
         try:
@@ -68,7 +70,6 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
         report.passes.append(result.to_dict())
         if dump:
             dump.graph(f"after_{family}_{method.name}", gm)
-        analysis = analyze(gm, example_inputs)
     if dump:
         dump.graph("final", gm)
     return gm, report

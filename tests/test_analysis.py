@@ -128,6 +128,31 @@ def test_attention_on_raw_tensors_is_skipped_not_rewritten():
     assert "no projection" in report.skipped[0]["reason"]
 
 
+class OddScores(torch.nn.Module):
+    """Attention whose scores pass an op the analysis does not know (sin): skipped, not matched."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):  # x: (B, T, 8), one head
+        scores = torch.sin(self.q(x) @ self.k(x).transpose(-1, -2))  # (B, T, T)
+        return self.o(torch.softmax(scores, dim=-1) @ self.v(x))
+
+
+def test_matmul_softmax_with_unknown_score_op_is_skipped():
+    report = sites(OddScores().eval(), torch.randn(2, 5, 8))
+    assert report.attention_sites == []
+    assert [s["kind"] for s in report.skipped] == ["attention"]
+    assert "scores do not come from matmul(q, k^T)" in report.skipped[0]["reason"]
+
+
+def test_softmax_that_is_not_attention_is_ignored():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Softmax(dim=-1)).eval()
+    report = sites(model, torch.randn(2, 8))
+    assert report.attention_sites == [] and report.skipped == []
+
+
 class ThreeWayMLP(torch.nn.Module):
     def __init__(self):
         super().__init__()
