@@ -53,7 +53,7 @@ def main() -> None:
           or "nothing (no compression method in these options)")
 
     start = time.perf_counter()
-    compiled = torch.compile(model, backend="sparse", options=options) if options else torch.compile(model, backend="sparse")
+    compiled = torch.compile(model, backend="sparse", options=options)
     ppl_sparse = perplexity(compiled, ids)
     print(f"\ncompiled in {time.perf_counter() - start:.0f} s (Inductor)")
     ppl_dense = perplexity(model, ids)

@@ -2,8 +2,6 @@
 
 import torch
 
-import compile_sparse
-
 
 def generate(model, input_ids, steps=8, **kwargs):
     """Greedy generate ``steps`` tokens; returns (sequences, logits stacked over steps)."""
@@ -17,15 +15,10 @@ def compiled_generate_matches(model, input_ids, options=None, steps=8, atol=1e-5
     """Generate eagerly, then with forward compiled by the sparse backend; assert both agree."""
     ref_seq, ref_logits = generate(model, input_ids, steps, **kwargs)
     eager_forward = model.forward
-    compile_kwargs = {"options": options} if options else {}
-    model.forward = torch.compile(eager_forward, backend="sparse", **compile_kwargs)
+    model.forward = torch.compile(eager_forward, backend="sparse", options=options)
     try:
         seq, logits = generate(model, input_ids, steps, **kwargs)
     finally:
         model.forward = eager_forward
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=1.3e-6)
-
-
-def sites(model, *args, options=None, **inputs):
-    return compile_sparse.explain(model, *args, options=options, **inputs)

@@ -8,7 +8,6 @@ from transformers import DynamicCache
 import compile_sparse
 from compile_sparse import models
 
-from .helpers import sites
 
 # name -> (layers, q heads, kv heads, head dim, causal, cache kind, form, fused qkv, gated, activation, intermediate)
 TINY = {
@@ -25,7 +24,7 @@ TINY = {
 def test_zoo_sites(name):
     layers, heads, kv_heads, head_dim, causal, cache, form, fused, gated, act, inter = TINY[name]
     model, tok = models.load(name)
-    report = sites(model, **models.sample_inputs(name, model, tok, seq_len=12))
+    report = compile_sparse.explain(model, **models.sample_inputs(name, model, tok, seq_len=12))
     assert report.totals()["attention_sites"] == layers
     assert report.totals()["mlp_sites"] == layers
     assert report.skipped == []
@@ -45,7 +44,7 @@ def test_zoo_sites(name):
 
 def test_parameter_counts_match_the_modules():
     model = models.tiny_llama(layers=3)
-    report = sites(model, input_ids=torch.randint(0, 128, (1, 8)))
+    report = compile_sparse.explain(model, input_ids=torch.randint(0, 128, (1, 8)))
     attn = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n)
     mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
     assert report.totals()["attention_params"] == attn
@@ -58,7 +57,8 @@ def test_llama_decode_graph_with_dynamic_cache():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=cache)
-    report = sites(model, input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.full((2, 1), 9))
+    report = compile_sparse.explain(model, input_ids=ids[:, -1:], past_key_values=cache,
+                                    position_ids=torch.full((2, 1), 9))
     assert len(report.attention_sites) == 2
     for s in report.attention_sites:
         assert (s["q_len"], s["kv_len"], s["causal"]) == (1, 10, True)
@@ -92,7 +92,7 @@ def test_llama_static_cache_prefill_and_decode():
 
 def test_causality_is_read_from_the_mask_without_a_cache():
     model = models.tiny_gpt2(attn_implementation="eager")
-    report = sites(model, input_ids=torch.randint(0, 128, (1, 6)), use_cache=False)
+    report = compile_sparse.explain(model, input_ids=torch.randint(0, 128, (1, 6)), use_cache=False)
     assert [s["causal"] for s in report.attention_sites] == [True, True]
     assert all(s["cache"] is None for s in report.attention_sites)
 
@@ -100,7 +100,7 @@ def test_causality_is_read_from_the_mask_without_a_cache():
 def test_bert_padding_mask_is_not_causal():
     model = models.tiny_bert()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    report = sites(model, input_ids=torch.randint(0, 128, (2, 6)), attention_mask=mask)
+    report = compile_sparse.explain(model, input_ids=torch.randint(0, 128, (2, 6)), attention_mask=mask)
     assert [s["causal"] for s in report.attention_sites] == [False, False]
 
 
@@ -109,7 +109,7 @@ def test_model_without_attention_runs_unchanged_and_reports_why():
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="sparse")(x), model(x), atol=1e-6, rtol=1e-6)
-    report = sites(model, x)
+    report = compile_sparse.explain(model, x)
     assert report.totals()["attention_sites"] == 0 and report.totals()["mlp_sites"] == 0
     assert any("no attention and no MLP found" in n for n in report.notes())
     assert "no attention and no MLP found" in str(report)
@@ -121,7 +121,7 @@ def test_attention_on_raw_tensors_is_skipped_not_rewritten():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    report = sites(attend, q, k, v)
+    report = compile_sparse.explain(attend, q, k, v)
     assert report.attention_sites == []
     assert len(report.skipped) == 1
     assert report.skipped[0]["kind"] == "attention"
@@ -141,7 +141,7 @@ class OddScores(torch.nn.Module):
 
 
 def test_matmul_softmax_with_unknown_score_op_is_skipped():
-    report = sites(OddScores().eval(), torch.randn(2, 5, 8))
+    report = compile_sparse.explain(OddScores().eval(), torch.randn(2, 5, 8))
     assert report.attention_sites == []
     assert [s["kind"] for s in report.skipped] == ["attention"]
     assert "scores do not come from matmul(q, k^T)" in report.skipped[0]["reason"]
@@ -149,7 +149,7 @@ def test_matmul_softmax_with_unknown_score_op_is_skipped():
 
 def test_softmax_that_is_not_attention_is_ignored():
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Softmax(dim=-1)).eval()
-    report = sites(model, torch.randn(2, 8))
+    report = compile_sparse.explain(model, torch.randn(2, 8))
     assert report.attention_sites == [] and report.skipped == []
 
 
@@ -164,7 +164,7 @@ class ThreeWayMLP(torch.nn.Module):
 
 
 def test_mlp_with_three_projections_is_skipped():
-    report = sites(ThreeWayMLP().eval(), torch.randn(2, 8))
+    report = compile_sparse.explain(ThreeWayMLP().eval(), torch.randn(2, 8))
     assert report.mlp_sites == []
     assert [s["kind"] for s in report.skipped] == ["mlp"]
     assert "3 projections" in report.skipped[0]["reason"]

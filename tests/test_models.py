@@ -2,14 +2,16 @@
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
 
+import compile_sparse
 from compile_sparse import models
 from compile_sparse.cli import main
 
-from .helpers import compiled_generate_matches, sites
+from .helpers import compiled_generate_matches
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
@@ -50,8 +52,6 @@ def test_smollm2_inspect_counts(tmp_path, capsys):
     out = tmp_path / "smollm2.json"
     assert main(["inspect", "smollm2", "--json", str(out)]) == 0
     assert "30 attention sites, 30 MLP sites, 0 skipped" in capsys.readouterr().out
-    import json
-
     data = json.loads(out.read_text())
     assert len(data["attention_sites"]) == 30 and len(data["mlp_sites"]) == 30
     for layer, s in enumerate(data["attention_sites"]):
@@ -71,7 +71,7 @@ def test_smollm2_decode_graph_sites():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=cache)
-    report = sites(model, input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[ids.shape[1]]]))
+    report = compile_sparse.explain(model, input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[ids.shape[1]]]))
     assert report.totals()["attention_sites"] == 30 and report.totals()["mlp_sites"] == 30
     for s in report.attention_sites:
         assert (s["q_len"], s["kv_len"], s["num_kv_heads"], s["causal"]) == (1, ids.shape[1] + 1, 3, True)
@@ -107,7 +107,7 @@ def test_minilm_sites_and_embeddings():
     model, tok = models.load("minilm")
     batch = tok(["The economy grew.", "We will build roads and bridges across the land."], padding=True,
                 return_tensors="pt")
-    report = sites(model, **batch)
+    report = compile_sparse.explain(model, **batch)
     assert report.totals()["attention_sites"] == 6 and report.totals()["mlp_sites"] == 6
     for s in report.attention_sites:
         assert (s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"], s["cache"]) == (12, 12, 32, False, None)

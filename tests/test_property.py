@@ -4,9 +4,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import compile_sparse
 from compile_sparse import models
 
-from .helpers import sites
 
 SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -14,7 +14,7 @@ SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,
 
 def _check(model, layers, heads, kv_heads, head_dim, intermediate, gated):
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    report = sites(model, input_ids=ids)
+    report = compile_sparse.explain(model, input_ids=ids)
     assert report.totals()["attention_sites"] == layers and report.totals()["mlp_sites"] == layers
     assert report.skipped == []
     for s in report.attention_sites:
