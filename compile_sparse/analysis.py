@@ -184,6 +184,8 @@ class AttentionSite:
     kv_len: int | str
     seq_axis: int
     mask: fx.Node | None
+    query: fx.Node  # q at the attention op, (B, num_heads, q_len, head_dim)
+    scale: float  # the softmax scale: SDPA's scale argument, else 1 / sqrt(head_dim)
     k_cache: CacheSlot | None = None
     v_cache: CacheSlot | None = None
 
@@ -576,6 +578,8 @@ def _attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[
     if causal is None and q_len == 1:
         causal = False
     fused = len({id(t.linear.node) for t in traces.values()}) == 1
+    scale = _arg(node, 6, "scale") if form == "sdpa" else None
+    scale = float(scale) if isinstance(scale, (int, float)) else head_dim ** -0.5
     path = _module_path(node)
     layer = _layer_index(node, traces["q"].linear.weight)
     return AttentionSite(
@@ -583,7 +587,7 @@ def _attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[
         q=traces["q"].linear, k=traces["k"].linear, v=traces["v"].linear, o=o, qkv_fused=fused,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
         q_len=q_len, kv_len=kv_len, seq_axis=len(k_shape) - 2,
-        mask=mask if isinstance(mask, fx.Node) else None, k_cache=k_cache, v_cache=v_cache,
+        mask=mask if isinstance(mask, fx.Node) else None, query=q, scale=scale, k_cache=k_cache, v_cache=v_cache,
     )
 
 

@@ -6,6 +6,7 @@ Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from .analysis import analyze
 from .explain import GraphReport, format_analysis
 from .options import SparseOptions, parse_options
 from .passes import method_for_config
+from .state import extend_example_inputs, with_state
 
 log = logging.getLogger("compile_sparse")
 
@@ -44,8 +46,16 @@ class _DebugDump:
         (self.dir / name).write_text(text)
 
 
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    copied.meta.update(gm.meta)
+    return copied
+
+
 def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions) -> tuple[fx.GraphModule, GraphReport]:
-    """Run the analysis and the passes the options ask for; returns the rewritten graph and a report."""
+    """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
+    the graph it captured); returns the rewritten copy and a report."""
+    gm = _copy(gm)
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)
     report = GraphReport(analysis=analysis.summary(), passes=[])
@@ -80,6 +90,12 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options
     """torch.compile backend. ``options`` as in compile_sparse.options; ``mode`` goes to Inductor."""
     parsed = parse_options(options)
     gm, _ = transform_graph(gm, example_inputs, parsed)
-    if parsed.lowering == "eager":
-        return gm.forward
-    return compile_with_inductor(gm, example_inputs, mode)
+    return lower(gm, example_inputs, parsed.lowering, mode)
+
+
+def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode: str | None = None) -> Callable:
+    """Compile a transformed graph ("inductor") or run it as is ("eager"), wrapped so that state the
+    passes thread through the graph (compile_sparse.state) stays with the backend."""
+    inputs = extend_example_inputs(gm, example_inputs)
+    fn = gm.forward if lowering == "eager" else compile_with_inductor(gm, inputs, mode)
+    return with_state(fn, gm)

@@ -21,7 +21,9 @@ class GraphReport:
 
 
 def _fmt_bytes(n: int) -> str:
-    return f"{n:,} B" if n < 1024 else f"{n / 1024:,.1f} KiB"
+    if n < 1024:
+        return f"{n:,} B"
+    return f"{n / 1024:,.1f} KiB" if n < 1024 ** 2 else f"{n / 1024 ** 2:,.1f} MiB"
 
 
 def format_analysis(analysis: dict) -> str:
@@ -127,6 +129,11 @@ class Report:
                 counts = ", ".join(f"{k}: {v}" for k, v in p["rewrites"].items()) or "no rewrites"
                 out.append(f"pass {p['family']}:{p['method']}: {counts}")
                 out.extend(f"  {site}: {what}" for site, what in p["sites"].items())
+                if p.get("kv_cache_bytes"):
+                    kv = p["kv_cache_bytes"]
+                    saved = 1 - kv["after"] / kv["before"] if kv["before"] else 0.0
+                    out.append(f"  KV cache handed back: {_fmt_bytes(kv['before'])} -> {_fmt_bytes(kv['after'])} "
+                               f"({saved:.0%} saved)")
         out.append(f"parameters: attention {t['attention_params']:,}, MLP {t['mlp_params']:,}; "
                    f"KV cache: {_fmt_bytes(t['kv_bytes_per_token'])} per token")
         out.extend(f"note: {n}" for n in self.notes())
@@ -136,7 +143,7 @@ class Report:
 def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None, **kwargs: Any) -> Report:
     """Run ``model_or_fn(*args, **kwargs)`` once under Dynamo with the sparse pipeline (lowered
     eagerly, so it is cheap) and report the sites found and what each pass did to them."""
-    from .backend import PassError, transform_graph
+    from .backend import PassError, lower, transform_graph
 
     parsed = parse_options(options)
     graphs: list[GraphReport] = []
@@ -144,7 +151,7 @@ def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None
     def backend(gm, example_inputs):
         gm, report = transform_graph(gm, example_inputs, parsed)
         graphs.append(report)
-        return gm.forward
+        return lower(gm, example_inputs, "eager")
 
     try:
         with torch.no_grad():

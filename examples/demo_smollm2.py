@@ -1,7 +1,8 @@
-"""Compile the real SmolLM2-135M-Instruct with backend="sparse": what was found, what changed,
-quality (perplexity on a State of the Union speech) and speed (prefill), against eager.
+"""Compile the real SmolLM2-135M-Instruct with backend="sparse" and KV-cache eviction: what was
+found and changed, quality (ctx-continuation on a State of the Union speech, beside dense and
+truncation) and speed (one decode step over the compressed cache, beside dense), all on CPU.
 
-    python examples/demo_smollm2.py [--options JSON] [--tokens 512]
+    python examples/demo_smollm2.py [--options JSON] [--context 1024]
 """
 
 import argparse
@@ -13,54 +14,66 @@ import time
 import torch
 
 import compile_sparse
+from compile_sparse import eval as ev
 from compile_sparse import models
 
-
-def perplexity(forward, ids: torch.Tensor) -> float:
-    """ids: (1, T) -> exp(mean next-token cross entropy)."""
-    with torch.no_grad():
-        logits = forward(input_ids=ids, use_cache=False).logits  # (1, T, vocab)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-    return math.exp(loss.item())
+DEFAULT_OPTIONS = {"kv": {"method": "h2o", "compression_ratio": 0.75}}
 
 
-def median_ms(forward, ids: torch.Tensor, runs: int = 5) -> float:
+def decode_ms(forward, cache, position: int, runs: int = 5) -> float:
+    """Median time of one decode step over ``cache`` (the first calls compile and are not timed)."""
+    token, positions = torch.zeros((1, 1), dtype=torch.long), torch.tensor([[position]])
     times = []
-    with torch.no_grad():
-        for _ in range(runs):
-            start = time.perf_counter()
-            forward(input_ids=ids, use_cache=False)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for i in range(runs + 2):
+        start = time.perf_counter()
+        forward(input_ids=token, past_key_values=cache, position_ids=positions, use_cache=True)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[2:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--options", default=None, help="torch.compile options for the sparse backend, as JSON")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens of text to score and time")
+    parser.add_argument("--options", default=json.dumps(DEFAULT_OPTIONS), help="sparse backend options, as JSON")
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens (then 128 scored continuation tokens)")
     args = parser.parse_args()
-    options = json.loads(args.options) if args.options else None
+    options = json.loads(args.options)
+    ratio = options.get("kv", {}).get("compression_ratio", 0.0) if isinstance(options.get("kv"), dict) else 0.0
     torch.set_num_threads(1)  # stable timings on small machines
 
     model, tokenizer = models.load("smollm2")
     name, text = models.sotu_documents("test")[-1]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]  # (1, T)
-    print(f"model: SmolLM2-135M-Instruct, text: {name}, {ids.shape[1]} tokens, options: {options or 'default'}\n")
+    ids = ev.document_ids(tokenizer, [(name, text)], length=args.context + ev.CONTINUATION)[name]  # (1, C + 128)
+    print(f"model: SmolLM2-135M-Instruct, text: {name}, {args.context} prompt tokens, options: {json.dumps(options)}\n")
 
-    report = compile_sparse.explain(model, input_ids=ids, options=options)  # with a KV cache: KV bytes are counted
+    prompt = ids[:, :args.context]
+    report = compile_sparse.explain(model, input_ids=prompt, use_cache=True, options=options)
     print(report)
     print("\nwhat changed:", "; ".join(f"{p['family']}:{p['method']} {p['rewrites']}" for p in report.passes)
           or "nothing (no compression method in these options)")
 
-    start = time.perf_counter()
-    compiled = torch.compile(model, backend="sparse", options=options)
-    ppl_sparse = perplexity(compiled, ids)
-    print(f"\ncompiled in {time.perf_counter() - start:.0f} s (Inductor)")
-    ppl_dense = perplexity(model, ids)
-    print(f"quality: perplexity eager {ppl_dense:.3f}, sparse {ppl_sparse:.3f} (ratio {ppl_sparse / ppl_dense:.4f})")
-    eager_ms, sparse_ms = median_ms(model, ids), median_ms(compiled, ids)
-    print(f"speed: {ids.shape[1]}-token prefill, 1 thread, median of 5: eager {eager_ms:.0f} ms, "
-          f"sparse {sparse_ms:.0f} ms ({eager_ms / sparse_ms:.2f}x)")
+    with torch.no_grad():
+        start = time.perf_counter()
+        compiled = ev.compiled_forward(model, options)
+        nll, cache_tokens = ev.continuation_nll(ev.model_prefill(compiled), ev.model_forward(model), ids, context=args.context)
+        print(f"\nprefill through Inductor (compile included): {time.perf_counter() - start:.0f} s; "
+              f"cache per layer: {args.context} -> {cache_tokens[0]} tokens")
+        dense_nll, _ = ev.continuation_nll(ev.model_prefill(model), ev.model_forward(model), ids, context=args.context)
+        line = f"quality: continuation perplexity dense {math.exp(dense_nll):.3f}, sparse {math.exp(nll):.3f} " \
+               f"(ratio {math.exp(nll - dense_nll):.4f})"
+        if ratio:
+            trunc_nll, _ = ev.continuation_nll(ev.truncate_prefill(model, ratio), ev.model_forward(model), ids,
+                                               context=args.context)
+            line += f"; truncating the prompt to the same size: {math.exp(trunc_nll):.3f} (ratio {math.exp(trunc_nll - dense_nll):.4f})"
+        print(line)
+
+        cache = ev.model_prefill(compiled)(prompt)[1]
+        sparse_ms = decode_ms(compiled, cache, args.context)
+        torch.compiler.reset()
+        dense = torch.compile(model.forward, backend="inductor")
+        dense_ms = decode_ms(dense, model(input_ids=prompt, use_cache=True).past_key_values, args.context)
+    print(f"speed: one decode step, 1 thread, median of 5, both through Inductor: dense {dense_ms:.1f} ms over "
+          f"{args.context} cached tokens, sparse {sparse_ms:.1f} ms over {cache.layers[0].keys.shape[-2]} "
+          f"({dense_ms / sparse_ms:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -118,3 +118,32 @@ def test_minilm_sites_and_embeddings():
         torch.compiler.reset()
         out = torch.compile(model, backend="sparse", fullgraph=True)(**batch).last_hidden_state
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1.3e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_kv_eviction_beats_truncation():
+    """ctx-continuation on two speeches, shortened to a 512-token context: at ratio 0.75 every
+    attention-scored method keeps the cache at 128 tokens per layer and loses less than truncation."""
+    from compile_sparse import eval as ev
+
+    model, tok = models.load("smollm2")
+    docs = ev.document_ids(tok, models.sotu_documents("test")[-2:], length=512 + 64)
+    forward = ev.model_forward(model)
+
+    def mean_nll(prefill, expect_tokens=None):
+        total = 0.0
+        for ids in docs.values():
+            nll, cache_tokens = ev.continuation_nll(prefill, forward, ids, context=512)
+            assert expect_tokens is None or cache_tokens == [expect_tokens] * 30
+            total += nll
+        return total / len(docs)
+
+    with torch.no_grad():
+        dense = mean_nll(ev.model_prefill(model), expect_tokens=512)
+        truncate = mean_nll(ev.truncate_prefill(model, 0.75), expect_tokens=128)
+        for method in ("snapkv", "h2o", "tova", "hitkv"):
+            torch.compiler.reset()
+            compiled = ev.compiled_forward(model, {"kv": {"method": method, "compression_ratio": 0.75},
+                                                   "lowering": "eager"})
+            nll = mean_nll(ev.model_prefill(compiled), expect_tokens=128)
+            assert nll < truncate, (method, dense, nll, truncate)

@@ -49,3 +49,24 @@ def test_random_llama(cfg):
 def test_random_gpt2(layers, heads, head_dim, attn):
     model = models.tiny_gpt2(layers=layers, heads=heads, head_dim=head_dim, attn_implementation=attn)
     _check(model, layers, heads, heads, head_dim, 4 * heads * head_dim, gated=False)
+
+
+@given(cfg=llama_configs(), length=st.integers(2, 30), ratio=st.sampled_from([0.0, 0.3, 0.5, 0.8]),
+       method=st.sampled_from(["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv"]))
+@settings(**SETTINGS)
+def test_random_llama_kv_eviction(cfg, length, ratio, method):
+    """The prefill cache holds exactly the budget in every layer; ratio 0 changes nothing."""
+    model = models.tiny_llama(**cfg)
+    ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        dense = model(ids, use_cache=True)
+        torch.compiler.reset()
+        compiled = torch.compile(model.forward, backend="sparse",
+                                 options={"kv": {"method": method, "compression_ratio": ratio}, "lowering": "eager"})
+        out = compiled(ids, use_cache=True)
+    budget = max(1, int(round(length * (1 - ratio), 9)))
+    for dense_layer, layer in zip(dense.past_key_values.layers, out.past_key_values.layers):
+        assert layer.keys.shape == (2, cfg["kv_heads"], budget, cfg["head_dim"]) == layer.values.shape
+        if ratio == 0:
+            assert torch.equal(layer.keys, dense_layer.keys) and torch.equal(layer.values, dense_layer.values)
+    torch.testing.assert_close(out.logits, dense.logits, atol=1e-5, rtol=1.3e-6)  # this call's attention is full

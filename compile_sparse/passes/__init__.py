@@ -23,15 +23,19 @@ FAMILIES = ("prune", "tokens", "kv")
 @dataclass
 class PassResult:
     """What one pass did: ``rewrites`` counts rewritten sites per kind of rewrite, ``sites`` says
-    what changed per site (``{"layer 3 attention": "kept 256 of 1024 tokens"}``)."""
+    what changed per site (``{"layer 3 attention": "kept 256 of 1024 tokens"}``), ``kv_cache_bytes``
+    the KV cache this graph hands back, before and after the pass (``{"before": n, "after": m}``,
+    empty when the pass does not touch the cache or the sizes are symbolic)."""
 
     method: str
     family: str
     rewrites: dict[str, int] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
+    kv_cache_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "family": self.family, "rewrites": dict(self.rewrites), "sites": dict(self.sites)}
+        return {"method": self.method, "family": self.family, "rewrites": dict(self.rewrites),
+                "sites": dict(self.sites), "kv_cache_bytes": dict(self.kv_cache_bytes)}
 
 
 PassFn = Callable[[fx.GraphModule, GraphAnalysis, object], PassResult]
@@ -78,3 +82,7 @@ def method_for_config(config: object) -> Method:
         known = ", ".join(sorted(c.__name__ for c in _BY_CONFIG)) or "none yet"
         raise ValueError(f"{type(config).__name__} is not the config of a registered method; registered: {known}")
     return method
+
+
+# The methods register themselves on import (after the registry above exists).
+from . import h2o, hitkv, knorm, pyramidkv, snapkv, streaming_llm, tova  # noqa: E402,F401

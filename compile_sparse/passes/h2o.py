@@ -1,0 +1,39 @@
+"""H2O, heavy-hitter oracle (Zhang et al., 2023, arXiv:2306.14048): a key's score is the attention
+it has received from every query so far; the heaviest hitters and a window of recent tokens stay.
+We average the accumulated attention over the queries that could see each key (as kvpress's
+ObservedAttentionPress does), so that early tokens are not favoured just for being seen more
+often. Scores persist across decode steps as backend-owned state (sum and count per token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .kv_evict import KVConfig, ScoreInputs, accumulate, kv_method, protect_recent
+
+
+@dataclass
+class H2OConfig(KVConfig):
+    """``recent_window``: the newest tokens, always kept (0 keeps none specially). Decode eviction
+    is on by default."""
+
+    recent_window: int = 32
+    decode: bool = True
+
+    SUPPORTS_DECODE: ClassVar[bool] = True
+    STATE_SIZE: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.recent_window, bool) or not isinstance(self.recent_window, int) or self.recent_window < 0:
+            raise ValueError(f"recent_window must be an int >= 0, got {self.recent_window!r}")
+
+
+@kv_method("h2o", H2OConfig)
+def h2o_scores(inputs: ScoreInputs, config: H2OConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean attention received: (B, Hkv, T); state (B, Hkv, T, 2) = [attention sum, queries seen by]."""
+    state = accumulate(inputs, lambda probs: probs.sum(dim=(2, 3)))  # probs (B, Hkv, G, c, T)
+    scores = state[..., 0] / state[..., 1].clamp(min=1)
+    return protect_recent(scores, config.recent_window), state

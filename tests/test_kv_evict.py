@@ -1,0 +1,339 @@
+"""KV-cache eviction: identity at ratio 0, exact budgets, the tokens each scorer keeps (against a
+reference computed from the eager model's full attention), decode at a fixed size with state,
+GQA, batches, a second architecture, and clear refusals."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compile_sparse
+from compile_sparse import models
+from compile_sparse.backend import sparse_backend
+from compile_sparse.passes import kv_evict
+from compile_sparse.passes.pyramidkv import pyramid_budget
+
+from .helpers import compiled_generate_matches, generate
+
+METHODS = ["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv", "pyramidkv"]
+DECODE_METHODS = ["streaming_llm", "h2o", "tova", "hitkv"]
+SMALL = {"snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8}, "h2o": {"recent_window": 4},
+         "hitkv": {"top_k": 4, "recent_window": 4}}
+T = 40
+
+
+def kv(method, ratio, **params):
+    return {"method": method, "compression_ratio": ratio, **SMALL.get(method, {}), **params}
+
+
+def ids(batch=2, length=T, seed=0):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def prefill_cache(model, input_ids, options):
+    compiled = torch.compile(model.forward, backend="sparse", options=options)
+    with torch.no_grad():
+        return compiled(input_ids=input_ids, use_cache=True).past_key_values, compiled
+
+
+def expected_budget(method, layer, num_layers, length, ratio):
+    if method == "pyramidkv":
+        return pyramid_budget(layer, num_layers, length, ratio, SMALL["pyramidkv"]["window_size"], 20)
+    return max(1, math.floor(round(length * (1 - ratio), 9)))  # floor of the exact product
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity and exact structure
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_zero_generates_exactly_dense(method):
+    compiled_generate_matches(models.tiny_llama(), ids(), {"kv": kv(method, 0.0), "lowering": "eager"}, steps=6)
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm"])
+def test_ratio_zero_through_inductor_equals_dense(method):
+    compiled_generate_matches(models.tiny_llama(), ids(), {"kv": kv(method, 0.0)}, steps=4)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2", "tiny-gpt2-eager"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_prefill_leaves_exactly_the_budget_in_every_layer(model_name, method, ratio):
+    model, _ = models.load(model_name)
+    cache, _ = prefill_cache(model, ids(), {"kv": kv(method, ratio), "lowering": "eager"})
+    num_layers = len(cache.layers)
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    assert lengths == [expected_budget(method, i, num_layers, T, ratio) for i in range(num_layers)]
+    assert [layer.values.shape[-2] for layer in cache.layers] == lengths
+    if method == "pyramidkv" and ratio == 0.5:
+        assert lengths[0] > lengths[-1] and sum(lengths) == num_layers * T // 2  # a pyramid, same total
+
+
+def test_config_object_works_like_its_dict():
+    model = models.tiny_llama()
+    cache, _ = prefill_cache(model, ids(), {"kv": compile_sparse.TOVAConfig(compression_ratio=0.5), "lowering": "eager"})
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [20, 20]
+    assert compile_sparse.parse_options({"kv": {"method": "tova", "compression_ratio": 0.5}}).to_dict()["kv"] == \
+        {"method": "tova", "compression_ratio": 0.5, "decode": True}
+
+
+def test_budgets_match_kvpress_convention():
+    config = kv_evict.KVConfig(compression_ratio=0.9)
+    assert [config.budget(0, 1, n) for n in (1024, 4096, 7, 1)] == [102, 409, 1, 1]
+    assert kv_evict.KVConfig(compression_ratio=0.75).budget(0, 1, 1024) == 256
+
+
+def test_inductor_cache_equals_eager_lowering_cache():
+    model = models.tiny_llama()
+    options = {"kv": kv("h2o", 0.5)}
+    eager_cache, _ = prefill_cache(model, ids(), {**options, "lowering": "eager"})
+    torch.compiler.reset()
+    inductor_cache, _ = prefill_cache(model, ids(), options)
+    for a, b in zip(eager_cache.layers, inductor_cache.layers):
+        torch.testing.assert_close(b.keys, a.keys)
+        torch.testing.assert_close(b.values, a.values)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each scorer keeps, against a reference from the eager model's full attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_scores(method, probs, keys, group):
+    """probs (B, H, T, T) of the eager model, keys (B, Hkv, T, D) -> scores (B, Hkv, T)."""
+    b, h, t, _ = probs.shape
+    seen = torch.arange(t, 0, -1, dtype=torch.float32)  # queries that see key j: t - j
+
+    def per_kv_head(x):  # (B, H, T) -> (B, Hkv, T)
+        return x.view(b, h // group, group, t).mean(2)
+
+    if method == "h2o":
+        return per_kv_head(probs.sum(2) / seen)
+    if method == "hitkv":
+        top = probs.topk(4, dim=-1)
+        hits = torch.zeros_like(probs).scatter_(-1, top.indices, (top.values > 0).float())
+        return per_kv_head(hits.sum(2) / seen)
+    if method == "tova":
+        return probs[:, :, -1].mean(1, keepdim=True).expand(b, h // group, t)
+    if method in ("snapkv", "pyramidkv"):
+        window = per_kv_head(probs[:, :, -8:].mean(2))
+        return F.avg_pool1d(window, 5, stride=1, padding=2, count_include_pad=False)
+    if method == "knorm":
+        return -keys.norm(dim=-1)
+    raise ValueError(method)
+
+
+def _protected(method):
+    return {"h2o": 4, "hitkv": 4, "snapkv": 8, "pyramidkv": 8}.get(method, 0)
+
+
+@pytest.mark.parametrize("method", ["h2o", "hitkv", "tova", "snapkv", "knorm", "pyramidkv"])
+def test_kept_tokens_match_full_attention_reference(method, monkeypatch):
+    monkeypatch.setattr(kv_evict, "SCORE_CHUNK", 16)  # 40 queries: chunks of 16, 16 and 8
+    heads, kv_heads = 6, 2
+    reference_model = models.tiny_llama(heads=heads, kv_heads=kv_heads, attn_implementation="eager")
+    model = models.tiny_llama(heads=heads, kv_heads=kv_heads)  # same seed: same weights, SDPA attention
+    input_ids = ids()
+    with torch.no_grad():
+        dense = reference_model(input_ids=input_ids, use_cache=True, output_attentions=True)
+    cache, _ = prefill_cache(model, input_ids, {"kv": kv(method, 0.5), "lowering": "eager"})
+    for layer, (probs, dense_layer, kept) in enumerate(zip(dense.attentions, dense.past_key_values.layers,
+                                                           cache.layers)):
+        scores = _reference_scores(method, probs, dense_layer.keys, heads // kv_heads)
+        protect = _protected(method)
+        if protect:
+            scores[..., -protect:] = float("inf")
+        budget = expected_budget(method, layer, 2, T, 0.5)
+        index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
+        gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])
+        torch.testing.assert_close(kept.keys, dense_layer.keys.gather(2, gather))
+        torch.testing.assert_close(kept.values, dense_layer.values.gather(2, gather))
+
+
+def test_streaming_llm_keeps_sinks_and_the_most_recent_tokens():
+    model = models.tiny_llama()
+    with torch.no_grad():
+        dense = model(input_ids=ids(), use_cache=True).past_key_values
+    cache, _ = prefill_cache(model, ids(), {"kv": kv("streaming_llm", 0.75, n_sink=3), "lowering": "eager"})
+    kept = list(range(3)) + list(range(T - 7, T))  # 10 = floor(40 * 0.25) tokens
+    for dense_layer, layer in zip(dense.layers, cache.layers):
+        torch.testing.assert_close(layer.keys, dense_layer.keys[:, :, kept])
+
+
+def test_batch_rows_are_selected_independently():
+    model = models.tiny_llama()
+    batch = ids(batch=2, seed=3)
+    options = {"kv": kv("h2o", 0.75), "lowering": "eager"}
+    cache, _ = prefill_cache(model, batch, options)
+    for row in range(2):
+        torch.compiler.reset()
+        single, _ = prefill_cache(model, batch[row:row + 1], options)
+        for layer, single_layer in zip(cache.layers, single.layers):
+            torch.testing.assert_close(layer.keys[row:row + 1], single_layer.keys)
+    assert not torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: fixed size, one compile, state owned by the backend
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("method", DECODE_METHODS)
+def test_decode_holds_the_budget_and_compiles_once(model_name, method):
+    model, _ = models.load(model_name)
+    graphs = []
+    options = {"kv": kv(method, 0.75), "lowering": "eager"}
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return sparse_backend(gm, example_inputs, options=options)
+
+    eager_forward = model.forward
+    model.forward = torch.compile(eager_forward, backend=backend)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+    finally:
+        model.forward = eager_forward
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [10, 10]
+    assert len(graphs) == 2  # the prefill and one decode graph: the cache size never changes
+
+
+@pytest.mark.parametrize("method", ["snapkv", "knorm", "pyramidkv"])
+def test_prompt_only_methods_let_the_cache_grow_in_decode(method):
+    model = models.tiny_llama()
+    cache, compiled = prefill_cache(model, ids(), {"kv": kv(method, 0.75), "lowering": "eager"})
+    before = [layer.keys.shape[-2] for layer in cache.layers]
+    with torch.no_grad():
+        compiled(input_ids=ids(length=1), past_key_values=cache, position_ids=torch.full((2, 1), T))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [n + 1 for n in before]
+
+
+def _h2o_decode_reference(model, prompt, steps):
+    """Plain-torch H2O over eager attention: prefill scores, then per step add the new query's
+    attention, evict the lowest mean score outside the 4 newest tokens. Returns the final keys per layer."""
+    budget = T // 4
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True, output_attentions=True)
+    cache = out.past_key_values
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    state, kept_keys = [], []
+    for probs, layer in zip(out.attentions, cache.layers):
+        b, h, t, _ = probs.shape
+        total = probs.sum(2).view(b, h // group, group, t).sum(2)  # (B, Hkv, T)
+        count = torch.arange(t, 0, -1).float() * group
+        state.append((total, count.expand_as(total).clone()))
+    trimmed = _h2o_select(cache, state, budget)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(steps):
+        with torch.no_grad():
+            out = model(input_ids=token, past_key_values=trimmed, position_ids=torch.full((prompt.shape[0], 1), T + step),
+                        use_cache=True, output_attentions=True)
+        for i, probs in enumerate(out.attentions):  # probs (B, H, 1, P + 1)
+            b, h, _, t = probs.shape
+            total, count = state[i]
+            total = F.pad(total, (0, 1)) + probs[:, :, 0].view(b, h // group, group, t).sum(2)
+            count = F.pad(count, (0, 1)) + group
+            state[i] = (total, count)
+        trimmed = _h2o_select(out.past_key_values, state, budget)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return [layer.keys for layer in trimmed.layers]
+
+
+def _h2o_select(cache, state, budget):
+    for i, layer in enumerate(cache.layers):
+        total, count = state[i]
+        scores = total / count
+        scores[..., -4:] = float("inf")
+        index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+        gather = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        state[i] = (total.gather(2, index), count.gather(2, index))
+    return cache
+
+
+def test_h2o_decode_state_matches_a_plain_reference_and_resets_on_prefill():
+    reference_model = models.tiny_llama(attn_implementation="eager")
+    model = models.tiny_llama()
+    prompt = ids()
+    expected = _h2o_decode_reference(reference_model, prompt, steps=5)
+    compiled = torch.compile(model.forward, backend="sparse", options={"kv": kv("h2o", 0.75), "lowering": "eager"})
+    for _ in range(2):  # the second prefill starts fresh scores: same result again
+        with torch.no_grad():
+            out = compiled(input_ids=prompt, use_cache=True)
+            cache = out.past_key_values
+            for step in range(5):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = compiled(input_ids=token, past_key_values=cache, position_ids=torch.full((2, 1), T + step))
+        for keys, layer in zip(expected, cache.layers):
+            torch.testing.assert_close(layer.keys, keys)
+
+
+def test_decode_on_a_cache_the_backend_did_not_produce_is_an_error():
+    model = models.tiny_llama()
+    _, compiled = prefill_cache(model, ids(), {"kv": kv("h2o", 0.75), "lowering": "eager"})
+    with torch.no_grad():
+        foreign = model(input_ids=ids(), use_cache=True).past_key_values  # plain eager prefill
+        with pytest.raises(RuntimeError, match="was not produced by this backend's eviction"):
+            compiled(input_ids=ids(length=1), past_key_values=foreign, position_ids=torch.full((2, 1), T))
+
+
+def test_generate_with_eviction_through_inductor():
+    model = models.tiny_llama()
+    reference, _ = generate(model, ids(), steps=6)
+    model.forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("tova", 0.5)})
+    with torch.no_grad():
+        out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    del model.forward
+    assert out.sequences.shape == reference.shape
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [20, 20]
+
+
+# ---------------------------------------------------------------------------------------------
+# Explain and refusals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_explain_counts_rewrites_and_kv_bytes():
+    model = models.tiny_llama()
+    report = compile_sparse.explain(model, input_ids=ids(), use_cache=True, options={"kv": kv("snapkv", 0.75)})
+    (result,) = report.passes
+    assert result["rewrites"] == {"prefill eviction": 2}
+    per_token = 2 * 2 * 16 * 4 * 2  # K and V, 2 KV heads, head dim 16, fp32, batch 2, per layer
+    assert result["kv_cache_bytes"] == {"before": 2 * T * per_token, "after": 2 * 10 * per_token}
+    assert result["sites"]["layer 1 attention"] == "prefill eviction: cache 40 -> 10 tokens"
+    assert "KV cache handed back: 40.0 KiB -> 10.0 KiB (75% saved)" in str(report)
+
+
+def test_without_a_cache_nothing_is_evicted_and_explain_says_so():
+    report = compile_sparse.explain(models.tiny_llama(), input_ids=ids(), use_cache=False, options={"kv": "h2o"})
+    assert report.passes[0]["rewrites"] == {}
+    assert "nothing to evict" in report.passes[0]["sites"]["graph"]
+
+
+def test_static_cache_is_refused_with_the_reason():
+    model = models.tiny_llama()
+    with pytest.raises(compile_sparse.PassError, match="StaticCache"):
+        compile_sparse.explain(model.generate, ids(), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                               cache_implementation="static", options={"kv": kv("h2o", 0.5)})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "h2o", "compression_ratio": 1.0}, "compression_ratio must be a number in \\[0, 1\\), got 1.0"),
+    ({"method": "snapkv", "compression_ratio": -0.1}, "got -0.1"),
+    ({"method": "snapkv", "decode": True}, "SnapKVConfig has no decode rule .* got True"),
+    ({"method": "snapkv", "kernel_size": 4}, "kernel_size must be odd, got 4"),
+    ({"method": "streaming_llm", "n_sink": 0}, "n_sink must be a positive int, got 0"),
+    ({"method": "hitkv", "budgets": "fancy"}, "budgets must be one of uniform, pyramid, got 'fancy'"),
+    ({"method": "h2o", "recent_window": -1}, "recent_window must be an int >= 0, got -1"),
+    ({"method": "pyramidkv", "beta": 0}, "beta must be an int >= 1, got 0"),
+])
+def test_bad_parameters_name_the_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        compile_sparse.parse_options({"kv": options})
