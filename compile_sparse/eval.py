@@ -41,7 +41,8 @@ class ContinuationResult:
                 "cache_tokens": self.cache_tokens}
 
 
-def document_ids(tokenizer: Any, documents: list[tuple[str, str]], length: int = CONTEXT + CONTINUATION) -> dict[str, torch.Tensor]:
+def document_ids(tokenizer: Any, documents: list[tuple[str, str]],
+                 length: int = CONTEXT + CONTINUATION) -> dict[str, torch.Tensor]:
     """The first ``length`` tokens of each document: name -> (1, length). Documents too short are an error."""
     out = {}
     for name, text in documents:
@@ -102,20 +103,24 @@ def model_forward(model: Callable) -> Callable:
 
 
 def ctx_continuation(name: str, prefill: Callable, forward: Callable, docs: dict[str, torch.Tensor],
-                     dense: dict[str, float], *, one_token_at_a_time: bool = False) -> ContinuationResult:
-    """Run the protocol for one setting over ``docs`` (name -> ids); ``dense`` holds dense ppl per document."""
+                     dense: dict[str, float], *, context: int = CONTEXT,
+                     one_token_at_a_time: bool = False) -> ContinuationResult:
+    """Run the protocol for one setting over ``docs`` (name -> ids (1, context + continuation));
+    ``dense`` holds dense ppl per document."""
     result = ContinuationResult(name, ppl_dense=dict(dense))
     with torch.no_grad():
         for i, (doc, ids) in enumerate(docs.items()):
-            nll, result.cache_tokens = continuation_nll(prefill, forward, ids, one_token_at_a_time=one_token_at_a_time)
+            nll, result.cache_tokens = continuation_nll(prefill, forward, ids, context=context,
+                                                        one_token_at_a_time=one_token_at_a_time)
             result.ppl[doc] = math.exp(nll)
             print(f"\r  {name}: document {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return result
 
 
-def dense_ppl(model: Callable, docs: dict[str, torch.Tensor]) -> dict[str, float]:
-    result = ctx_continuation("dense", model_prefill(model), model_forward(model), docs, {d: 1.0 for d in docs})
+def dense_ppl(model: Callable, docs: dict[str, torch.Tensor], context: int = CONTEXT) -> dict[str, float]:
+    result = ctx_continuation("dense", model_prefill(model), model_forward(model), docs, {d: 1.0 for d in docs},
+                              context=context)
     return result.ppl
 
 

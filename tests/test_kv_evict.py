@@ -337,3 +337,14 @@ def test_static_cache_is_refused_with_the_reason():
 def test_bad_parameters_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):
         compile_sparse.parse_options({"kv": options})
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "hitkv"])
+def test_a_budget_smaller_than_the_protected_window_keeps_the_newest_tokens(method):
+    model = models.tiny_llama()
+    with torch.no_grad():
+        dense = model(input_ids=ids(), use_cache=True).past_key_values
+    window = {"snapkv": "window_size", "h2o": "recent_window", "hitkv": "recent_window"}[method]
+    cache, _ = prefill_cache(model, ids(), {"kv": kv(method, 0.75, **{window: 32}), "lowering": "eager"})
+    for dense_layer, layer in zip(dense.layers, cache.layers):
+        torch.testing.assert_close(layer.keys, dense_layer.keys[:, :, -10:])

@@ -14,8 +14,9 @@ still reads every token of this call; the cache the next call sees holds only th
   layer, ``max(1, floor(T * (1 - compression_ratio)))`` unless the method allocates per layer.
 - Decode (the graph reads a past cache of P tokens), for methods with a decode rule and
   ``decode=True``: after n new tokens the cache again holds P tokens, so its size is stable and
-  decode compiles once (at compression_ratio 0 nothing is evicted: the cache grows as dense). Scores that persist across steps (H2O, HitKV) travel as state the backend
-  owns (compile_sparse.state), reset by every prefill.
+  decode compiles once (at compression_ratio 0 nothing is evicted: the cache grows as dense).
+  Scores that persist across steps (H2O, HitKV) travel as state the backend owns
+  (compile_sparse.state), reset by every prefill.
 
 Positions: keys are cached after RoPE, so eviction keeps them valid; a later forward must pass
 the true ``position_ids`` (HF ``generate`` does; see docs/kv_eviction.md).
@@ -62,7 +63,6 @@ class KVConfig:
             raise ValueError(f"{type(self).__name__} has no decode rule (it scores the prompt only); "
                              f"decode must be False, got {self.decode!r}")
 
-
     def decode_budget(self, length: Any, past_len: Any) -> Any:
         """Tokens kept after a decode call over ``past_len`` cached tokens (``length`` with the new
         ones): the cache stays at its size, or, at compression_ratio 0, keeps everything."""
@@ -96,8 +96,6 @@ class ScoreInputs:
     causal: bool
     past_len: Any
     state: torch.Tensor | None
-    layer: int
-    num_layers: int
 
     @property
     def group_size(self) -> int:
@@ -164,12 +162,14 @@ def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Te
 
 
 def protect_recent(scores: torch.Tensor, window: int) -> torch.Tensor:
-    """Scores with the last ``window`` tokens raised above every other: they are always kept."""
+    """Scores (B, Hkv, T) with the last ``window`` tokens raised above every other, newer above
+    older: they are kept first, and a budget smaller than the window keeps the newest."""
     if window == 0:
         return scores
     length = scores.shape[-1]
-    recent = torch.arange(length, device=scores.device) >= length - window
-    return torch.where(recent, torch.finfo(scores.dtype).max, scores)
+    position = torch.arange(length, device=scores.device, dtype=scores.dtype)  # (T,)
+    raised = scores.amax(dim=-1, keepdim=True) + 1 + position / length  # (B, Hkv, T)
+    return torch.where(position >= length - window, raised, scores)
 
 
 def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ def evict_kv(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stat
     config = config_cls(**params)
     n, length = query.shape[2], keys.shape[2]
     past_len = length - n
-    inputs = ScoreInputs(query, keys, scale, causal, past_len, state, layer, num_layers)
+    inputs = ScoreInputs(query, keys, scale, causal, past_len, state)
     scores, new_state = scorer(inputs, config)
     kept = config.budget(layer, num_layers, length) if prefill else config.decode_budget(length, past_len)
     if kept == length - 1:  # one token goes (a decode step): skip the lowest, no sort needed
@@ -272,7 +272,10 @@ def kv_eviction_pass(method: str, gm: fx.GraphModule, analysis: GraphAnalysis, c
             continue
         _rewrite_site(gm, site, config, method, num_layers, prefill)
         length = cached[2]
-        kept = config.budget(site.layer, num_layers, length) if prefill else config.decode_budget(length, length - site.q_len)
+        if prefill:
+            kept = config.budget(site.layer, num_layers, length)
+        else:
+            kept = config.decode_budget(length, length - site.q_len)
         kind = "prefill eviction" if prefill else "decode eviction"
         result.rewrites[kind] = result.rewrites.get(kind, 0) + 1
         result.sites[name] = f"{kind}: cache {length} -> {kept} tokens"
