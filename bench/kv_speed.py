@@ -39,24 +39,24 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def repeat_cache(cache, batch: int):
-    """A copy of ``cache`` with every layer repeated ``batch`` times along the batch axis."""
+def map_cache(cache, fn):
+    """A new plain DynamicCache whose layers hold ``fn(keys)`` and ``fn(values)`` of ``cache``'s."""
     from transformers import DynamicCache
 
     copy = DynamicCache()
     for i, layer in enumerate(cache.layers):
-        copy.update(layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1), i)  # (batch, Hkv, L, D)
+        copy.update(fn(layer.keys), fn(layer.values), i)
     return copy
+
+
+def repeat_cache(cache, batch: int):
+    """``cache`` repeated ``batch`` times along the batch axis: (batch, Hkv, L, D) per layer."""
+    return map_cache(cache, lambda t: t.repeat(batch, 1, 1, 1))
 
 
 def slice_cache(cache, start: int):
     """A plain cache holding tokens [start:] of ``cache`` (the ideal: a dense cache of that length)."""
-    from transformers import DynamicCache
-
-    copy = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        copy.update(layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone(), i)
-    return copy
+    return map_cache(cache, lambda t: t[:, :, start:].clone())
 
 
 def decode_step_ms(forward, cache, batch: int, position: int, runs: int) -> float:

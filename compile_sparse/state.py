@@ -88,9 +88,6 @@ class _Store:
             return None
         return entry[1]
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 STORE = _Store()
 

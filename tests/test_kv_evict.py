@@ -331,7 +331,7 @@ def test_static_cache_is_refused_with_the_reason():
     ({"method": "snapkv", "compression_ratio": -0.1}, "got -0.1"),
     ({"method": "snapkv", "decode": True}, "SnapKVConfig has no decode rule .* got True"),
     ({"method": "snapkv", "kernel_size": 4}, "kernel_size must be odd, got 4"),
-    ({"method": "streaming_llm", "n_sink": 0}, "n_sink must be a positive int, got 0"),
+    ({"method": "streaming_llm", "n_sink": 0}, "n_sink must be an int >= 1, got 0"),
     ({"method": "hitkv", "budgets": "fancy"}, "budgets must be one of uniform, pyramid, got 'fancy'"),
     ({"method": "h2o", "recent_window": -1}, "recent_window must be an int >= 0, got -1"),
     ({"method": "pyramidkv", "beta": 0}, "beta must be an int >= 1, got 0"),

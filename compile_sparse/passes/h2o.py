@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .kv_evict import KVConfig, ScoreInputs, accumulate, kv_method, protect_recent
+from .kv_evict import KVConfig, ScoreInputs, accumulate, check_int, kv_method, protect_recent
 
 
 @dataclass
@@ -27,8 +27,7 @@ class H2OConfig(KVConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.recent_window, bool) or not isinstance(self.recent_window, int) or self.recent_window < 0:
-            raise ValueError(f"recent_window must be an int >= 0, got {self.recent_window!r}")
+        check_int(self, "recent_window", minimum=0)
 
 
 @kv_method("h2o", H2OConfig)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .kv_evict import KVConfig, ScoreInputs, accumulate, check_positive_int, kv_method, protect_recent
+from .kv_evict import KVConfig, ScoreInputs, accumulate, check_int, kv_method, protect_recent
 from .pyramidkv import pyramid_budget
 
 BUDGETS = ("uniform", "pyramid")
@@ -42,9 +42,8 @@ class HitKVConfig(KVConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "top_k", "beta")
-        if isinstance(self.recent_window, bool) or not isinstance(self.recent_window, int) or self.recent_window < 0:
-            raise ValueError(f"recent_window must be an int >= 0, got {self.recent_window!r}")
+        check_int(self, "top_k", "beta")
+        check_int(self, "recent_window", minimum=0)
         if self.budgets not in BUDGETS:
             raise ValueError(f"budgets must be one of {', '.join(BUDGETS)}, got {self.budgets!r}")
 

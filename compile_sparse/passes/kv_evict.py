@@ -63,9 +63,12 @@ class KVConfig:
             raise ValueError(f"{type(self).__name__} has no decode rule (it scores the prompt only); "
                              f"decode must be False, got {self.decode!r}")
 
-    def decode_budget(self, length: Any, past_len: Any) -> Any:
-        """Tokens kept after a decode call over ``past_len`` cached tokens (``length`` with the new
-        ones): the cache stays at its size, or, at compression_ratio 0, keeps everything."""
+    def kept_tokens(self, prefill: bool, layer: int, num_layers: int, length: Any, past_len: Any) -> Any:
+        """Tokens a layer keeps of ``length`` cached ones after a call over ``past_len`` of them: the
+        prompt's budget on a prefill; in decode the cache stays at its size (at compression_ratio 0
+        it keeps everything)."""
+        if prefill:
+            return self.budget(layer, num_layers, length)
         return past_len if self.compression_ratio > 0 else length
 
     def budget(self, layer: int, num_layers: int, length: Any) -> Any:
@@ -74,11 +77,12 @@ class KVConfig:
         return max(1, (length * keep.numerator) // keep.denominator)
 
 
-def check_positive_int(config: object, *names: str) -> None:
+def check_int(config: object, *names: str, minimum: int = 1) -> None:
+    """Raise a ValueError naming the bad value unless every field in ``names`` is an int >= ``minimum``."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -129,8 +133,6 @@ def attention_probs(inputs: ScoreInputs, start: Any, stop: Any) -> torch.Tensor:
 
 def query_chunks(n: Any) -> list[tuple[int, Any]]:
     """[start, stop) ranges of at most SCORE_CHUNK queries covering n."""
-    if isinstance(n, int) and n <= SCORE_CHUNK:
-        return [(0, n)]
     return [(start, min(start + SCORE_CHUNK, n)) for start in range(0, n, SCORE_CHUNK)]
 
 
@@ -184,7 +186,7 @@ def evict_kv(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stat
 
     query (B, H, n, D); keys, values (B, Hkv, P + n, D); state (B, Hkv, P, S) or None.
     Returns keys and values (B, Hkv, K, D) and the state (B, Hkv, K, S) of the kept tokens (None
-    for stateless methods), K = budget(layer, n) on a prefill, else decode_budget(P + n, P).
+    for stateless methods), K = config.kept_tokens(...): the budget on a prefill, else P.
     """
     config_cls, scorer = SCORERS[method]
     config = config_cls(**params)
@@ -192,7 +194,7 @@ def evict_kv(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stat
     past_len = length - n
     inputs = ScoreInputs(query, keys, scale, causal, past_len, state)
     scores, new_state = scorer(inputs, config)
-    kept = config.budget(layer, num_layers, length) if prefill else config.decode_budget(length, past_len)
+    kept = config.kept_tokens(prefill, layer, num_layers, length, past_len)
     if kept == length - 1:  # one token goes (a decode step): skip the lowest, no sort needed
         position = torch.arange(kept, device=keys.device)  # (K,)
         index = position + (position >= scores.argmin(dim=-1, keepdim=True))  # (B, Hkv, K), in cache order
@@ -272,10 +274,7 @@ def kv_eviction_pass(method: str, gm: fx.GraphModule, analysis: GraphAnalysis, c
             continue
         _rewrite_site(gm, site, config, method, num_layers, prefill)
         length = cached[2]
-        if prefill:
-            kept = config.budget(site.layer, num_layers, length)
-        else:
-            kept = config.decode_budget(length, length - site.q_len)
+        kept = config.kept_tokens(prefill, site.layer, num_layers, length, length - site.q_len)
         kind = "prefill eviction" if prefill else "decode eviction"
         result.rewrites[kind] = result.rewrites.get(kind, 0) + 1
         result.sites[name] = f"{kind}: cache {length} -> {kept} tokens"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .kv_evict import ScoreInputs, kv_method
+from .kv_evict import ScoreInputs, check_int, kv_method
 from .snapkv import SnapKVConfig, snapkv_window_scores
 
 
@@ -38,8 +38,7 @@ class PyramidKVConfig(SnapKVConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1:
-            raise ValueError(f"beta must be an int >= 1, got {self.beta!r}")
+        check_int(self, "beta")
 
     def budget(self, layer: int, num_layers: int, length: Any) -> int:
         return pyramid_budget(layer, num_layers, length, self.compression_ratio, self.window_size, self.beta)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_evict import KVConfig, ScoreInputs, check_positive_int, kv_method, pool_scores, protect_recent, window_scores
+from .kv_evict import KVConfig, ScoreInputs, check_int, kv_method, pool_scores, protect_recent, window_scores
 
 
 @dataclass
@@ -21,7 +21,7 @@ class SnapKVConfig(KVConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "window_size", "kernel_size")
+        check_int(self, "window_size", "kernel_size")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size!r}")
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .kv_evict import KVConfig, ScoreInputs, check_positive_int, kv_method
+from .kv_evict import KVConfig, ScoreInputs, check_int, kv_method
 
 
 @dataclass
@@ -22,7 +22,7 @@ class StreamingLLMConfig(KVConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "n_sink")
+        check_int(self, "n_sink")
 
 
 @kv_method("streaming_llm", StreamingLLMConfig)
