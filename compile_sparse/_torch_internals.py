@@ -30,3 +30,38 @@ def run_on_examples(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     with mode:
         return fn(*args, **kwargs)
+
+
+def parameter_name(placeholder: fx.Node) -> str | None:
+    """The module-relative name of the parameter a Dynamo placeholder stands for
+    (``model.layers.0.mlp.down_proj.weight``), from the source Dynamo recorded; None if unknown."""
+    import re
+
+    grapharg = placeholder.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", source.name)
+    return ".".join(parts) or None
+
+
+def propagate_shapes(gm: fx.GraphModule) -> None:
+    """Recompute every node's example value after a pass changed shapes (sliced weights), in the
+    fake mode Dynamo used, so symbolic sizes stay symbolic. Writes ``example_value`` and ``val``."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value") for n in placeholders]
+    mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+    if mode is None:
+        raise RuntimeError("the graph's placeholders carry no fake example values to propagate shapes from")
+    allowed = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # the real buffers the pass registered (get_attr) join as constants
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
+    finally:
+        mode.allow_non_fake_inputs = allowed
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]

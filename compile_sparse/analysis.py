@@ -266,6 +266,7 @@ class SkippedRegion:
 @dataclass
 class GraphAnalysis:
     attention: list[AttentionSite] = field(default_factory=list)
+    inputs: Sequence[Any] = ()  # the real tensors the graph's placeholders stand for, in order
     mlp: list[MLPSite] = field(default_factory=list)
     skipped: list[SkippedRegion] = field(default_factory=list)
 
@@ -708,7 +709,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphAnalysis:
     ``example_inputs`` are the real tensors the graph's placeholders stand for (Dynamo hands them
     to the backend); they are used only to evaluate attention masks.
     """
-    result = GraphAnalysis()
+    result = GraphAnalysis(inputs=example_inputs)
     outputs = _graph_outputs(gm.graph)
     for node in _attention_candidates(gm.graph):
         try:

@@ -228,10 +228,20 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-def load(name: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` for a zoo name (tokenizer is None for random configs); eval mode, fp32."""
+def load(name: str | Path) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a zoo name (tokenizer is None for random configs), or for the
+    folder of a checkpoint ``compile_sparse.export`` wrote (tokenizer None unless one was saved
+    with it); eval mode, fp32."""
+    from transformers import AutoTokenizer
+
+    from .export import PLAN_FILE, load_exported
+
+    if (Path(name) / PLAN_FILE).is_file():
+        model = load_exported(name)
+        has_tokenizer = (Path(name) / "tokenizer_config.json").is_file()
+        return model, AutoTokenizer.from_pretrained(name) if has_tokenizer else None
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; zoo: {', '.join(ZOO)}")
+        raise ValueError(f"unknown model {name!r}; zoo: {', '.join(ZOO)}; or the folder of an exported checkpoint")
     return ZOO[name].build()
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from .passes import FAMILIES, METHODS, method_for_config
+from .plan import Plan
 
 LOWERINGS = ("inductor", "eager")
 VALID_KEYS = FAMILIES + ("recipe", "lowering", "debug_dir")
@@ -38,10 +41,19 @@ class SparseOptions:
     def to_dict(self) -> dict:
         methods = {}
         for family, config in self.methods.items():
-            params = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+            params = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
             methods[family] = {"method": method_for_config(config).name, **params}
         return {**methods, "recipe": self.recipe, "lowering": self.lowering,
                 "debug_dir": str(self.debug_dir) if self.debug_dir else None}
+
+
+def _jsonable(value: Any) -> Any:
+    """A parameter as the report shows it: calibration batches and plans summarized."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return f"{len(value)} batches of {tuple(value[0].shape)}"
+    if isinstance(value, Plan):
+        return f"plan ({value.method}: {len(value.mlp)} MLPs, {len(value.heads)} attention blocks)"
+    return value
 
 
 def _available(family: str) -> str:

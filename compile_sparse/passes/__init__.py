@@ -25,17 +25,19 @@ class PassResult:
     """What one pass did: ``rewrites`` counts rewritten sites per kind of rewrite, ``sites`` says
     what changed per site (``{"layer 3 attention": "kept 256 of 1024 tokens"}``), ``kv_cache_bytes``
     the KV cache this graph hands back, before and after the pass (``{"before": n, "after": m}``,
-    empty when the pass does not touch the cache or the sizes are symbolic)."""
+    empty when the pass does not touch the cache or the sizes are symbolic), ``params`` the
+    parameters of the sites it prunes, before and after (empty for passes that prune nothing)."""
 
     method: str
     family: str
     rewrites: dict[str, int] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
     kv_cache_bytes: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "family": self.family, "rewrites": dict(self.rewrites),
-                "sites": dict(self.sites), "kv_cache_bytes": dict(self.kv_cache_bytes)}
+                "sites": dict(self.sites), "kv_cache_bytes": dict(self.kv_cache_bytes), "params": dict(self.params)}
 
 
 PassFn = Callable[[fx.GraphModule, GraphAnalysis, object], PassResult]
@@ -85,4 +87,5 @@ def method_for_config(config: object) -> Method:
 
 
 # The methods register themselves on import (after the registry above exists).
-from . import h2o, hitkv, knorm, pyramidkv, snapkv, streaming_llm, tova  # noqa: E402,F401
+from . import (d2prune, flap, h2o, hitkv, knorm, magnitude, nm_sparsity, pyramidkv, saved_plan,  # noqa: E402,F401
+               snapkv, streaming_llm, taylor, tova, wanda)

@@ -1,0 +1,36 @@
+"""D2Prune's dual-Taylor idea, structured (our reading of the abstract; see docs/pruning.md).
+
+Removing channel j of the down (o) projection changes the layer output by W[:, j] a_j. Expand the
+loss to second order in that change, with the Fisher approximation of the Hessian, and let the
+activation itself be perturbed too (the calibration -> test shift, modelled as noise with the
+channel's calibration variance s_j^2). With g_t = dL/da_{j,t} per token t:
+
+    score_j = |sum_t g_t a_t|  +  1/2 sum_t g_t^2 (a_t^2 + s_j^2)
+
+The first term is the first-order (weight) Taylor term, the second the expected second-order
+change under weight and activation perturbation together. The attention-KL weight update of the
+paper is not part of this criterion (no weights are updated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .prune import ChannelGroup, StructuredPruneConfig, prune_method
+
+
+@dataclass
+class D2PruneConfig(StructuredPruneConfig):
+    """Dual-Taylor structured pruning; needs ``calibration`` and a graph that returns logits for
+    every position. See StructuredPruneConfig for the ratios."""
+
+    NEEDS: ClassVar[str] = "gradients"
+
+
+@prune_method("d2prune", D2PruneConfig)
+def d2prune_scores(group: ChannelGroup) -> torch.Tensor:
+    """|sum g a| + 1/2 sum g^2 (a^2 + Var a): (C,)."""
+    s = group.stats
+    return s.grad_act.abs() + 0.5 * (s.grad_sq_act_sq + s.grad_sq * s.var)

@@ -1,0 +1,89 @@
+"""N:M semi-structured sparsity (2:4 by default): in every group of M consecutive input weights of
+each output row, keep the N with the highest Wanda score |W_ij| x ||X_j|| (or |W_ij| with
+``criterion="magnitude"``), for every projection of the attention and MLP sites. The weights are
+masked (zeros stored densely): the shapes stay, the zeros are exactly N:M, ready for a sparse
+GEMM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from ..analysis import GraphAnalysis, LinearOp
+from ..calibration import calibrate
+from . import PassResult, register
+from .prune import _buffer, _rows, _value
+
+NM_CRITERIA = ("wanda", "magnitude")
+
+
+@dataclass
+class NMSparsityConfig:
+    """Keep ``n`` of every ``m`` input weights per output row; ``criterion`` "wanda" needs
+    ``calibration`` (token-id batches shaped like the compiled input)."""
+
+    n: int = 2
+    m: int = 4
+    criterion: str = "wanda"
+    calibration: Sequence[torch.Tensor] | None = None
+
+    def __post_init__(self):
+        for name in ("n", "m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m, got n={self.n}, m={self.m}")
+        if self.criterion not in NM_CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(NM_CRITERIA)}, got {self.criterion!r}")
+        if self.criterion == "wanda" and self.calibration is None:
+            raise ValueError("criterion 'wanda' needs calibration batches; pass calibration=[token ids, ...] "
+                             "or criterion='magnitude'")
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """score: (out, in) with in divisible by m -> bool mask (out, in), n True per group of m."""
+    out, inp = score.shape
+    groups = score.reshape(out, inp // m, m)  # (out, in/m, m)
+    keep = groups.topk(n, dim=-1).indices  # (out, in/m, n)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(out, inp)  # (out, in)
+
+
+@register("prune", "nm", NMSparsityConfig)
+def nm_sparsity_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSparsityConfig) -> PassResult:
+    linears: list[tuple[str, LinearOp]] = []
+    for site in analysis.attention:
+        linears += [(f"layer {site.layer} attention {k}", getattr(site, k)) for k in ("q", "k", "v", "o")
+                    if getattr(site, k) is not None]
+    for site in analysis.mlp:
+        linears += [(f"layer {site.layer} mlp {k}", getattr(site, k)) for k in ("gate", "up", "down")
+                    if getattr(site, k) is not None]
+    unique = {id(lin.node): (label, lin) for label, lin in linears}  # fused qkv appears three times
+    result = PassResult("nm", "prune", rewrites={"linear": 0})
+    bad = [label for label, lin in unique.values() if lin.in_features % config.m]
+    if bad:
+        raise ValueError(f"{config.n}:{config.m} needs input widths divisible by {config.m}; not: {', '.join(bad)}")
+    calib = None
+    if config.criterion == "wanda":
+        calib = calibrate(gm, analysis.inputs, config.calibration, [lin.input for _, lin in unique.values()])
+    before = after = 0
+    for label, lin in unique.values():
+        weight = _value(gm, lin.weight, analysis.inputs)
+        rows = _rows(lin, weight)  # (out, in)
+        score = rows.abs().double()
+        if calib is not None:
+            score = score * calib.stats[lin.input.name].norm
+        masked = rows * nm_mask(score, config.n, config.m)
+        new = _buffer(gm, lin.weight.name, masked if lin.weight_layout == "out_in" else masked.t())
+        lin.weight.replace_all_uses_with(new)
+        before += weight.numel()
+        after += int((masked != 0).sum())
+        result.rewrites["linear"] += 1
+        result.sites[label] = f"{config.n}:{config.m}, {1 - config.n / config.m:.0%} of {weight.numel():,} weights zero"
+    gm.graph.eliminate_dead_code()
+    result.params = {"before": before, "after": after}
+    return result
