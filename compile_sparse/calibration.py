@@ -71,13 +71,17 @@ class Calibration:
 
 
 def _input_ids_placeholder(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
-    """The index of the token-id input: the one integer tensor placeholder that is not a buffer."""
-    candidates = [i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+    """The index of the token-id input: the integer (batch, seq) placeholder that is not a buffer,
+    the one named ``input_ids`` when there are several (generate also passes an attention mask)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    candidates = [i for i, node in enumerate(placeholders)
                   if isinstance(inputs[i], torch.Tensor) and not inputs[i].is_floating_point()
                   and inputs[i].dim() == 2 and not is_parameter(node)]
+    if len(candidates) > 1:
+        candidates = [i for i in candidates if "input_ids" in placeholders[i].name] or candidates
     if len(candidates) != 1:
-        raise ValueError(f"calibration needs exactly one (batch, seq) integer input (token ids) in the graph; "
-                         f"found {len(candidates)}")
+        names = ", ".join(placeholders[i].name for i in candidates) or "none"
+        raise ValueError(f"calibration needs one (batch, seq) integer input (token ids) in the graph; found: {names}")
     return candidates[0]
 
 

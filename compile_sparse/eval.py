@@ -5,6 +5,10 @@ score the continuation [1024, 1152) over the compressed cache with the true posi
 1024..1151. The metric is the perplexity of the 128 continuation tokens (the first predicted by
 the last context position); a run reports it per document and the geometric mean of
 ppl_method / ppl_dense.
+
+window-ppl (weight pruning): per document, the first 2048 tokens in 4 windows of 512, each
+scored on its own (511 predicted tokens a window); the perplexity over all windows, per document
+and as the geometric mean of ppl_method / ppl_dense.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import torch.nn.functional as F
 
 CONTEXT = 1024
 CONTINUATION = 128
+WINDOW = 512
+WINDOWS = 4
 
 
 @dataclass
-class ContinuationResult:
-    """Per-document perplexities of one setting and its geometric-mean ratio to dense."""
+class PerplexityResult:
+    """Per-document perplexities of one setting (either protocol) and its geometric-mean ratio to dense."""
 
     name: str
     ppl: dict[str, float] = field(default_factory=dict)
@@ -104,10 +110,10 @@ def model_forward(model: Callable) -> Callable:
 
 def ctx_continuation(name: str, prefill: Callable, forward: Callable, docs: dict[str, torch.Tensor],
                      dense: dict[str, float], *, context: int = CONTEXT,
-                     one_token_at_a_time: bool = False) -> ContinuationResult:
+                     one_token_at_a_time: bool = False) -> PerplexityResult:
     """Run the protocol for one setting over ``docs`` (name -> ids (1, context + continuation));
     ``dense`` holds dense ppl per document."""
-    result = ContinuationResult(name, ppl_dense=dict(dense))
+    result = PerplexityResult(name, ppl_dense=dict(dense))
     with torch.no_grad():
         for i, (doc, ids) in enumerate(docs.items()):
             nll, result.cache_tokens = continuation_nll(prefill, forward, ids, context=context,
@@ -127,3 +133,32 @@ def dense_ppl(model: Callable, docs: dict[str, torch.Tensor], context: int = CON
 def compiled_forward(model: torch.nn.Module, options: dict) -> Callable:
     """``model.forward`` compiled with the sparse backend and ``options``."""
     return torch.compile(model.forward, backend="sparse", options=options)
+
+
+def document_windows(tokenizer: Any, documents: list[tuple[str, str]], window: int = WINDOW,
+                     count: int = WINDOWS) -> dict[str, torch.Tensor]:
+    """The first ``count`` windows of ``window`` tokens of each document: name -> (count, window)."""
+    return {name: ids.view(count, window)  # (count, window)
+            for name, ids in document_ids(tokenizer, documents, length=window * count).items()}
+
+
+def window_ppl(name: str, forward: Callable, docs: dict[str, torch.Tensor],
+               dense: dict[str, float] | None = None) -> PerplexityResult:
+    """window-ppl for one setting: ``forward(ids (1, W)) -> logits (1, W, V)`` scores each window of
+    ``docs`` (name -> (windows, W)) on its own; ``dense`` holds dense ppl per document (None: this
+    is the dense run, ratios 1)."""
+    result = PerplexityResult(name)
+    with torch.no_grad():
+        for i, (doc, windows) in enumerate(docs.items()):
+            nll = sum(F.cross_entropy(forward(w[None])[0, :-1].float(), w[1:], reduction="sum").item()
+                      for w in windows)
+            result.ppl[doc] = math.exp(nll / (windows.numel() - windows.shape[0]))
+            print(f"\r  {name}: document {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    result.ppl_dense = dict(dense) if dense is not None else dict(result.ppl)
+    return result
+
+
+def logits_forward(model: Callable) -> Callable:
+    """``ids -> logits`` through ``model`` (a model or its compiled forward) without a cache."""
+    return lambda ids: model(input_ids=ids, use_cache=False).logits

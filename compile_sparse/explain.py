@@ -134,6 +134,11 @@ class Report:
                     saved = 1 - kv["after"] / kv["before"] if kv["before"] else 0.0
                     out.append(f"  KV cache handed back: {_fmt_bytes(kv['before'])} -> {_fmt_bytes(kv['after'])} "
                                f"({saved:.0%} saved)")
+                if p.get("params"):
+                    params = p["params"]
+                    removed = 1 - params["after"] / params["before"] if params["before"] else 0.0
+                    out.append(f"  parameters pruned: {params['before']:,} -> {params['after']:,} "
+                               f"({removed:.1%} of these sites removed)")
         out.append(f"parameters: attention {t['attention_params']:,}, MLP {t['mlp_params']:,}; "
                    f"KV cache: {_fmt_bytes(t['kv_bytes_per_token'])} per token")
         out.extend(f"note: {n}" for n in self.notes())

@@ -22,8 +22,8 @@ NM_CRITERIA = ("wanda", "magnitude")
 
 @dataclass
 class NMSparsityConfig:
-    """Keep ``n`` of every ``m`` input weights per output row; ``criterion`` "wanda" needs
-    ``calibration`` (token-id batches shaped like the compiled input)."""
+    """Keep ``n`` of every ``m`` input weights per output row (n = m keeps all); ``criterion``
+    "wanda" needs ``calibration`` (token-id batches shaped like the compiled input)."""
 
     n: int = 2
     m: int = 4
@@ -35,8 +35,8 @@ class NMSparsityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.n >= self.m:
-            raise ValueError(f"n must be smaller than m, got n={self.n}, m={self.m}")
+        if self.n > self.m:
+            raise ValueError(f"n must be at most m, got n={self.n}, m={self.m}")
         if self.criterion not in NM_CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(NM_CRITERIA)}, got {self.criterion!r}")
         if self.criterion == "wanda" and self.calibration is None:

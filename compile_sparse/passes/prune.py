@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .._torch_internals import parameter_name, propagate_shapes
-from ..analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, _name, example_value
+from ..analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, _name, as_linear, example_value
 from ..calibration import Calibration, ChannelStats, calibrate
 from ..plan import HeadPlan, MLPPlan, Plan
 from . import PassResult, register
@@ -157,11 +157,11 @@ def _group(gm: fx.GraphModule, inputs: Sequence[Any], producers: list[LinearOp],
 
 
 def _head_units(head_scores: torch.Tensor, num_kv: int, unit: str) -> tuple[torch.Tensor, list[list[int]]]:
-    """Removal units of one attention block, lowest first: (scores (U,), heads removed by each).
-    "query": unit k removes the k-th weakest query head of every group; "kv_group": one group."""
+    """Removal units of one attention block: (scores (U,), the heads each removes). "query": unit
+    k removes the k-th weakest query head of every group; "kv_group": one whole group."""
     group = head_scores.numel() // num_kv
     per_group = head_scores.view(num_kv, group)  # (kv, group)
-    if unit == "kv_group":
+    if unit == "kv_group" or group == 1:  # without GQA every head is its own group
         return per_group.sum(1), [list(range(g * group, (g + 1) * group)) for g in range(num_kv)]
     order = per_group.argsort(dim=1)  # (kv, group), weakest first
     scores = per_group.gather(1, order).sum(0)  # (group,)
@@ -170,7 +170,8 @@ def _head_units(head_scores: torch.Tensor, num_kv: int, unit: str) -> tuple[torc
 
 
 def _uniform_removals(sizes: list[int], ratio: float) -> list[int]:
-    return [size - round(size * (1 - ratio)) for size in sizes]
+    """size - round(size x (1 - ratio)) per layer, leaving at least one unit."""
+    return [min(size - round(size * (1 - ratio)), size - 1) for size in sizes]
 
 
 def _allocate(scores: list[torch.Tensor], ratio: float, allocation: str, outliers: list[float] | None) -> list[int]:
@@ -299,8 +300,6 @@ def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPr
 
 def _forward_nodes(start: fx.Node, stop: fx.Node) -> list[fx.Node]:
     """Nodes reached from ``start`` through users, up to (not past) ``stop`` or another projection."""
-    from ..analysis import as_linear
-
     seen, queue, found = {start}, [start], []
     while queue and len(seen) < _MAX_WALK:
         node = queue.pop(0)
