@@ -35,8 +35,7 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ours(model, docs, dense, calibration, criteria, settings, allocations):
-    rows = []
+def ours(model, docs, dense, calibration, criteria, settings, allocations, record):
     for setting in settings:
         for criterion in criteria:
             for allocation in allocations:
@@ -49,11 +48,10 @@ def ours(model, docs, dense, calibration, criteria, settings, allocations):
                 compiled = ev.compiled_forward(model, {"prune": prune, "lowering": "eager"})
                 result = ev.window_ppl(f"{criterion} {setting} {allocation}", ev.logits_forward(compiled), docs, dense)
                 kept = params(shrink_model(copy.deepcopy(model), Plan.load(prune["save_plan"])))
-                rows.append({"method": criterion, "setting": setting, "allocation": allocation, "params": kept,
-                             "seconds": round(time.perf_counter() - start), **result.to_dict()})
+                record({"method": criterion, "setting": setting, "allocation": allocation, "params": kept,
+                        "seconds": round(time.perf_counter() - start), **result.to_dict()})
                 print(f"{criterion:>10} {setting:>10} {allocation:>12}  ppl ratio {result.ppl_ratio:8.3f}  "
                       f"params {kept:,}", flush=True)
-    return rows
 
 
 class LogitsOnly(torch.nn.Module):
@@ -86,21 +84,28 @@ def torch_pruning_model(model, setting, importance_name, calibration):
         kwargs["ignored_layers"] = [pruned.lm_head] + [getattr(layer.self_attn, p) for layer in layers
                                                        for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     else:
-        # q heads only: Torch-Pruning groups q with o; k / v are separate groups (left whole, as in ours)
-        heads = {layer.self_attn.q_proj: cfg.num_attention_heads for layer in layers}
-        kwargs.update(num_heads=heads, pruning_ratio_dict={q: SETTINGS[setting]["head_ratio"] for q in heads}, prune_num_heads=True, prune_head_dims=False,
-                      head_pruning_ratio=SETTINGS[setting]["head_ratio"],
+        # Torch-Pruning's GQA head pruning (q heads per KV group, KV heads kept) works on this model
+        # when it traces eager attention with q, k and v all declared and the MLPs ignored; with SDPA,
+        # or with only q declared, it prunes nothing.
+        pruned.set_attn_implementation("eager")
+        heads = {}
+        for layer in layers:
+            heads[layer.self_attn.q_proj] = cfg.num_attention_heads
+            heads[layer.self_attn.k_proj] = heads[layer.self_attn.v_proj] = cfg.num_key_value_heads
+        kwargs.update(num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+                      head_pruning_ratio=SETTINGS[setting]["head_ratio"], pruning_ratio=SETTINGS[setting]["head_ratio"],
                       ignored_layers=[pruned.lm_head] + [getattr(layer.mlp, p) for layer in layers
-                                                         for p in ("gate_proj", "down_proj")]
-                      + [getattr(layer.self_attn, p) for layer in layers for p in ("k_proj", "v_proj")])
+                                                         for p in ("gate_proj", "up_proj", "down_proj")])
     example = calibration[0]
-    pruner = tp.pruner.BasePruner(wrapped, example, importance=importance, pruning_ratio=0.0, **kwargs)
+    kwargs.setdefault("pruning_ratio", 0.0)
+    pruner = tp.pruner.BasePruner(wrapped, example, importance=importance, **kwargs)
     if importance_name == "taylor":
         for batch in calibration:
             logits = wrapped(batch)
             F.cross_entropy(logits[0, :-1], batch[0, 1:]).backward()
     pruner.step()
     pruned.zero_grad(set_to_none=True)
+    pruned.set_attn_implementation("sdpa")
     for layer in layers:  # Torch-Pruning slices weights; HF's attention reads its head counts
         attn = layer.self_attn
         q_heads = attn.q_proj.out_features // attn.head_dim
@@ -109,8 +114,7 @@ def torch_pruning_model(model, setting, importance_name, calibration):
     return pruned
 
 
-def torch_pruning_rows(model, docs, dense, calibration, settings, importances):
-    rows = []
+def torch_pruning_rows(model, docs, dense, calibration, settings, importances, record):
     for setting in settings:
         for name in importances:
             start = time.perf_counter()
@@ -118,13 +122,16 @@ def torch_pruning_rows(model, docs, dense, calibration, settings, importances):
             result = ev.window_ppl(f"torch-pruning {name} {setting}", ev.logits_forward(pruned), docs, dense)
             shapes = {"mlp": sorted({layer.mlp.gate_proj.out_features for layer in pruned.model.layers}),
                       "q_heads": sorted({layer.self_attn.q_proj.out_features // layer.self_attn.head_dim
-                                         for layer in pruned.model.layers})}
-            rows.append({"method": f"torch-pruning:{name}", "setting": setting, "allocation": "uniform",
-                         "params": params(pruned), "shapes": shapes, "seconds": round(time.perf_counter() - start),
-                         **result.to_dict()})
+                                         for layer in pruned.model.layers}),
+                      "kv_heads": sorted({layer.self_attn.k_proj.out_features // layer.self_attn.head_dim
+                                          for layer in pruned.model.layers}),
+                      "hidden": sorted({layer.self_attn.o_proj.out_features for layer in pruned.model.layers})}
+            record({"method": f"torch-pruning:{name}", "setting": setting, "allocation": "uniform",
+                    "params": params(pruned), "shapes": shapes, "seconds": round(time.perf_counter() - start),
+                    **result.to_dict()})
             print(f"{'tp ' + name:>10} {setting:>10} {'uniform':>12}  ppl ratio {result.ppl_ratio:8.3f}  "
                   f"params {params(pruned):,}  {shapes}", flush=True)
-    return rows
+            del pruned
 
 
 def main() -> None:
@@ -145,19 +152,25 @@ def main() -> None:
     calib_docs = ev.document_windows(tokenizer, models.sotu_documents("calibration", 8))
     calibration = [w[None] for windows in calib_docs.values() for w in windows][:args.calibration]  # (1, 512) each
     dense = ev.window_ppl("dense", ev.logits_forward(model), docs)
-    rows = [{"method": "dense", "setting": "dense", "params": params(model), **dense.to_dict()}]
     print(f"dense ppl (geomean) {dense.to_dict()['geomean_ppl']:.3f}, params {params(model):,}", flush=True)
+    out = {"model": "smollm2", "protocol": "window-ppl", "documents": list(docs), "calibration_windows": len(calibration),
+           "rows": [], "command": shlex.join(sys.argv), "seconds": 0}
+
+    def record(row: dict) -> None:
+        """Keep a row and rewrite the JSON, so a run that dies keeps what it measured."""
+        out["rows"].append(row)
+        out["seconds"] = round(time.perf_counter() - start)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    record({"method": "dense", "setting": "dense", "params": params(model), **dense.to_dict()})
     if not args.torch_pruning_only:
-        rows += ours(model, docs, dense.ppl, calibration, args.criteria, args.settings, args.allocations)
+        ours(model, docs, dense.ppl, calibration, args.criteria, args.settings, args.allocations, record)
     importances = args.torch_pruning or (["taylor"] if args.torch_pruning == [] or args.torch_pruning_only else [])
     if importances:
-        rows += torch_pruning_rows(model, docs, dense.ppl, calibration, args.settings, importances)
-    out = {"model": "smollm2", "protocol": "window-ppl", "documents": list(docs), "calibration_windows": len(calibration),
-           "rows": rows, "command": shlex.join(sys.argv), "seconds": round(time.perf_counter() - start)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    print(f"done in {out['seconds']} s", file=sys.stderr)
+        torch_pruning_rows(model, docs, dense.ppl, calibration, args.settings, importances, record)
+    print(f"done in {round(time.perf_counter() - start)} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

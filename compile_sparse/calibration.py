@@ -18,13 +18,12 @@ from .analysis import is_parameter
 @dataclass
 class ChannelStats:
     """Per-channel sums over every token of an activation (..., C): ``count`` tokens, ``total``
-    and ``total_sq`` of the values, and with gradients g = dL/da: ``grad_act`` = sum g a,
-    ``grad_sq`` = sum g^2, ``grad_sq_act_sq`` = sum g^2 a^2. All (C,) float64."""
+    and ``total_sq`` of the values, and with gradients g = dL/da: ``grad_sq`` = sum g^2 and
+    ``grad_sq_act_sq`` = sum g^2 a^2. All (C,) float64."""
 
     count: int = 0
     total: torch.Tensor | None = None
     total_sq: torch.Tensor | None = None
-    grad_act: torch.Tensor | None = None
     grad_sq: torch.Tensor | None = None
     grad_sq_act_sq: torch.Tensor | None = None
 
@@ -37,7 +36,6 @@ class ChannelStats:
     def add_grad(self, act: torch.Tensor, grad: torch.Tensor) -> None:
         a = act.detach().reshape(-1, act.shape[-1]).double()  # (tokens, C)
         g = grad.detach().reshape(-1, grad.shape[-1]).double()  # (tokens, C)
-        self.grad_act = _plus(self.grad_act, (g * a).sum(0))
         self.grad_sq = _plus(self.grad_sq, (g * g).sum(0))
         self.grad_sq_act_sq = _plus(self.grad_sq_act_sq, (g * g * a * a).sum(0))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .plan import HeadPlan, MLPPlan, Plan
+from .plan import HeadPlan, MLPPlan, Plan, head_channels
 
 PLAN_FILE = "compile_sparse_plan.json"
 
@@ -54,10 +54,6 @@ def _shrink(model: nn.Module, weight_name: str, keep: torch.Tensor, side: str, b
     setattr(parent, attr, new)
 
 
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
-
-
 def shrink_model(model: nn.Module, plan: Plan, all_biases: bool = False) -> nn.Module:
     """Slice ``model``'s Linear modules in place as ``plan`` says. ``all_biases`` gives every
     projection of a site a bias when any of its kind has one (what a bias flag in a config needs)."""
@@ -79,8 +75,8 @@ def _shrink_mlp(model: nn.Module, m: MLPPlan, force_bias: bool) -> None:
 
 
 def _shrink_heads(model: nn.Module, h: HeadPlan, force_bias: bool) -> None:
-    q_rows = _head_rows(h.keep_heads, h.head_dim)
-    kv_rows = _head_rows(h.keep_kv_heads, h.head_dim)
+    q_rows = head_channels(h.keep_heads, h.head_dim)
+    kv_rows = head_channels(h.keep_kv_heads, h.head_dim)
     _shrink(model, h.weights["q"], q_rows, "out", force_bias=force_bias)
     for key in ("k", "v"):
         _shrink(model, h.weights[key], kv_rows, "out", force_bias=force_bias)

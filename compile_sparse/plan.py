@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 FORMAT = "compile_sparse.plan/1"
 
 
@@ -42,6 +44,11 @@ class HeadPlan:
     keep_kv_heads: list[int]
     weights: dict[str, str]
     bias: list[float] | None = None
+
+
+def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    """The channels (q / k / v rows, o columns) of ``heads``: h * head_dim .. (h + 1) * head_dim each."""
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
 
 
 @dataclass

@@ -5,11 +5,12 @@ loss to second order in that change, with the Fisher approximation of the Hessia
 activation itself be perturbed too (the calibration -> test shift, modelled as noise with the
 channel's calibration variance s_j^2). With g_t = dL/da_{j,t} per token t:
 
-    score_j = |sum_t g_t a_t|  +  1/2 sum_t g_t^2 (a_t^2 + s_j^2)
+    score_j = 1/2 sum_t g_t^2 (a_t^2 + s_j^2)
 
-The first term is the first-order (weight) Taylor term, the second the expected second-order
-change under weight and activation perturbation together. The attention-KL weight update of the
-paper is not part of this criterion (no weights are updated)."""
+the expected second-order change under the weight and the activation perturbation together. The
+first-order term sum_t g_t a_t is left out: at a trained optimum it vanishes in expectation (the
+OBD argument), and with it the criterion measured worse (docs/results.md). The attention-KL weight
+update of the paper is not part of this criterion (no weights are updated)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,6 @@ class D2PruneConfig(StructuredPruneConfig):
 
 @prune_method("d2prune", D2PruneConfig)
 def d2prune_scores(group: ChannelGroup) -> torch.Tensor:
-    """|sum g a| + 1/2 sum g^2 (a^2 + Var a): (C,)."""
+    """1/2 sum g^2 (a^2 + Var a): (C,)."""
     s = group.stats
-    return s.grad_act.abs() + 0.5 * (s.grad_sq_act_sq + s.grad_sq * s.var)
+    return 0.5 * (s.grad_sq_act_sq + s.grad_sq * s.var)

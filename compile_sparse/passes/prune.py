@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 
 from .._torch_internals import parameter_name, propagate_shapes
-from ..analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, _name, as_linear, example_value
+from ..analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, _name, analyze, as_linear, example_value
 from ..calibration import Calibration, ChannelStats, calibrate
-from ..plan import HeadPlan, MLPPlan, Plan
+from ..plan import HeadPlan, MLPPlan, Plan, head_channels
 from . import PassResult, register
 
 ALLOCATIONS = ("uniform", "standardized", "outlier")
@@ -135,8 +135,10 @@ def _rows(linear: LinearOp, weight: torch.Tensor) -> torch.Tensor:
 
 
 def weight_name(node: fx.Node) -> str:
-    """The parameter name a weight node stands for, or the node's own name."""
-    return (parameter_name(node) if node.op == "placeholder" else None) or str(node.target if node.op == "get_attr" else node.name)
+    """The parameter name a weight node stands for (its buffer name for get_attr), else the node's name."""
+    if node.op == "placeholder":
+        return parameter_name(node) or node.name
+    return str(node.target) if node.op == "get_attr" else node.name
 
 
 def _group(gm: fx.GraphModule, inputs: Sequence[Any], producers: list[LinearOp], consumer: LinearOp,
@@ -237,18 +239,10 @@ def head_refusal(site: AttentionSite) -> str | None:
     return None
 
 
-def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPruneConfig, method: str,
-               refused: dict[str, str]) -> Plan:
+def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPruneConfig, method: str) -> Plan:
     """Calibrate (if the criterion needs it), score, allocate: the Plan for this graph's sites."""
     mlps = analysis.mlp if config.mlp_ratio > 0 else []
-    heads = []
-    if config.head_ratio > 0:
-        for site in analysis.attention:
-            reason = head_refusal(site)
-            if reason is None:
-                heads.append(site)
-            else:
-                refused[f"layer {site.layer} attention"] = reason
+    heads = [s for s in analysis.attention if head_refusal(s) is None] if config.head_ratio > 0 else []
     calib = None
     if config.needs_calibration() and (mlps or heads):
         consumers = [s.down for s in mlps] + [s.o for s in heads]
@@ -286,7 +280,7 @@ def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPr
         keep = [h for h in range(site.num_heads) if h not in dropped]
         group_size = site.num_heads // site.num_kv_heads
         keep_kv = sorted({h // group_size for h in keep})
-        channels = torch.tensor([h * site.head_dim + d for h in dropped for d in range(site.head_dim)], dtype=torch.long)
+        channels = head_channels(dropped, site.head_dim)
         plan.heads.append(HeadPlan(site.layer, site.num_heads, site.num_kv_heads, site.head_dim, keep, keep_kv,
                                    {k: weight_name(getattr(site, k).weight) for k in ("q", "k", "v", "o")},
                                    _compensation(group, channels, config.BIAS_COMPENSATION)))
@@ -418,8 +412,8 @@ def _apply_mlp(gm: fx.GraphModule, inputs: Sequence[Any], site: MLPSite, entry: 
 def _apply_heads(gm: fx.GraphModule, inputs: Sequence[Any], site: AttentionSite, entry: HeadPlan) -> None:
     hd = site.head_dim
     heads, kv = len(entry.keep_heads), len(entry.keep_kv_heads)
-    q_rows = torch.tensor([h * hd + d for h in entry.keep_heads for d in range(hd)], dtype=torch.long)
-    kv_rows = torch.tensor([h * hd + d for h in entry.keep_kv_heads for d in range(hd)], dtype=torch.long)
+    q_rows = head_channels(entry.keep_heads, hd)
+    kv_rows = head_channels(entry.keep_kv_heads, hd)
     group = site.num_heads // site.num_kv_heads
     rewrites = _size_rewrites(site.q.node, site.node, {site.num_heads: heads})
     for proj in (site.k, site.v):
@@ -437,56 +431,44 @@ def _apply_heads(gm: fx.GraphModule, inputs: Sequence[Any], site: AttentionSite,
 
 
 def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused: dict[str, str] | None = None) -> PassResult:
-    """Slice this graph's sites as the plan says; sites the plan keeps whole are not touched."""
+    """Slice this graph's sites as the plan says; sites the plan keeps whole are not touched. The
+    parameters before and after are counted on the sites the analysis finds before and after."""
     result = PassResult(plan.method, "prune", rewrites={"mlp": 0, "heads": 0}, sites=dict(refused or {}))
     by_down = {m.weights["down"]: m for m in plan.mlp}
     by_o = {h.weights["o"]: h for h in plan.heads}
-    before = after = 0
     for site in analysis.mlp:
         entry = by_down.get(weight_name(site.down.weight))
-        params = site.num_params()
-        before += params
         if entry is None or (len(entry.keep) == site.intermediate_size and entry.bias is None):
-            after += params
             continue
         if entry.width != site.intermediate_size:
-            raise ValueError(f"the plan's layer {entry.layer} MLP has width {entry.width}, the graph's {site.intermediate_size}: "
-                             "a plan made for another model")
+            raise ValueError(f"the plan's layer {entry.layer} MLP has width {entry.width}, the graph's "
+                             f"{site.intermediate_size}: a plan made for another model")
         _apply_mlp(gm, analysis.inputs, site, entry)
-        kept = len(entry.keep) / site.intermediate_size
-        after += round((site.up.num_params() + (site.gate.num_params() if site.gate else 0)) * kept) + \
-            site.down.out_features * len(entry.keep) + site.down.out_features * (site.down.bias is not None or entry.bias is not None)
         result.rewrites["mlp"] += 1
         result.sites[f"layer {site.layer} mlp"] = f"kept {len(entry.keep)} of {site.intermediate_size} neurons" + \
             (" (+ compensation bias)" if entry.bias is not None else "")
     for site in analysis.attention:
         entry = by_o.get(weight_name(site.o.weight)) if site.o is not None else None
-        params = site.num_params()
-        before += params
         if entry is None or (len(entry.keep_heads) == site.num_heads and entry.bias is None):
-            after += params
             continue
         if (entry.num_heads, entry.num_kv_heads, entry.head_dim) != (site.num_heads, site.num_kv_heads, site.head_dim):
-            raise ValueError(f"the plan's layer {entry.layer} attention has {entry.num_heads}/{entry.num_kv_heads} heads of "
-                             f"{entry.head_dim}, the graph's {site.num_heads}/{site.num_kv_heads} of {site.head_dim}")
+            raise ValueError(f"the plan's layer {entry.layer} attention has {entry.num_heads}/{entry.num_kv_heads} heads "
+                             f"of {entry.head_dim}, the graph's {site.num_heads}/{site.num_kv_heads} of {site.head_dim}")
         reason = head_refusal(site)
         if reason is not None:
             raise ValueError(f"layer {site.layer} attention: {reason}")
         _apply_heads(gm, analysis.inputs, site, entry)
-        q_frac = len(entry.keep_heads) / site.num_heads
-        kv_frac = len(entry.keep_kv_heads) / site.num_kv_heads
-        after += round(site.q.num_params() * q_frac + (site.k.num_params() + site.v.num_params()) * kv_frac) + \
-            site.o.out_features * len(entry.keep_heads) * site.head_dim + \
-            site.o.out_features * (site.o.bias is not None or entry.bias is not None)
         result.rewrites["heads"] += 1
         result.sites[f"layer {site.layer} attention"] = (
             f"kept {len(entry.keep_heads)} of {site.num_heads} query heads, "
             f"{len(entry.keep_kv_heads)} of {site.num_kv_heads} KV heads" + (" (+ compensation bias)" if entry.bias else ""))
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
     if result.rewrites["mlp"] or result.rewrites["heads"]:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
         propagate_shapes(gm)
-    result.params = {"before": before, "after": after}
+        pruned = analyze(gm, analysis.inputs)
+        result.params = {"before": sum(s.num_params() for s in [*analysis.mlp, *analysis.attention]),
+                         "after": sum(s.num_params() for s in [*pruned.mlp, *pruned.attention])}
     return result
 
 
@@ -507,10 +489,11 @@ def _plan_key(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPru
 
 def structured_prune_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPruneConfig,
                           method: str) -> PassResult:
-    refused: dict[str, str] = {}
+    refused = {f"layer {site.layer} attention": reason for site in analysis.attention
+               if config.head_ratio > 0 and (reason := head_refusal(site)) is not None}
     key = _plan_key(gm, analysis, config, method)
     if key not in _PLANS:
-        _PLANS[key] = build_plan(gm, analysis, config, method, refused)
+        _PLANS[key] = build_plan(gm, analysis, config, method)
         if config.save_plan:
             _PLANS[key].save(config.save_plan)
     return apply_plan(gm, analysis, _PLANS[key], refused)
