@@ -231,6 +231,10 @@ def test_standardized_allocation_follows_scores():
     assert prune_base._allocate(scores, 0.5, "uniform", None) == [2, 2]
     outlier = prune_base._allocate([torch.zeros(100)] * 3, 0.5, "outlier", [0.0, 0.5, 1.0])
     assert sum(outlier) == 150 and outlier[0] > outlier[1] > outlier[2]
+    # rounding meets the total exactly, from above and from below, and leaves every layer a unit
+    for wanted, total in (([0.0, 5.0, 5.0], 8), ([2.5, 2.5, 9.0], 13)):
+        removed = prune_base._round_to_total(wanted, [10, 10, 10], total)
+        assert sum(removed) == total and all(0 <= r <= 9 for r in removed)
 
 
 # ---------------------------------------------------------------------------------------------

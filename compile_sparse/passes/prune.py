@@ -142,14 +142,13 @@ def weight_name(node: fx.Node) -> str:
 
 
 def _group(gm: fx.GraphModule, inputs: Sequence[Any], producers: list[LinearOp], consumer: LinearOp,
-           calib: Calibration | None, rows: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> ChannelGroup:
+           calib: Calibration | None) -> ChannelGroup:
     def grad(linear: LinearOp) -> torch.Tensor | None:
         g = calib.weight_grads.get(linear.weight.name) if calib else None
         return None if g is None else _rows(linear, g)
 
-    produced = [rows(_rows(p, _value(gm, p.weight, inputs))) for p in producers]
-    produced_grads = [None if grad(p) is None else rows(grad(p)) for p in producers]
-    return ChannelGroup(produced, _rows(consumer, _value(gm, consumer.weight, inputs)), produced_grads,
+    return ChannelGroup([_rows(p, _value(gm, p.weight, inputs)) for p in producers],
+                        _rows(consumer, _value(gm, consumer.weight, inputs)), [grad(p) for p in producers],
                         grad(consumer), calib.stats.get(consumer.input.name) if calib else None)
 
 
@@ -201,13 +200,23 @@ def _allocate(scores: list[torch.Tensor], ratio: float, allocation: str, outlier
     spread = (d - d.min()) / (d.max() - d.min()).clamp_min(1e-12) * (2 * OUTLIER_LAMBDA)
     keep_ratio = spread - spread.mean() + (1 - total / sum(sizes))
     wanted = [max(0.0, min(size - 1.0, size * (1 - float(k)))) for size, k in zip(sizes, keep_ratio)]
+    return _round_to_total(wanted, sizes, total)
+
+
+def _round_to_total(wanted: list[float], sizes: list[int], total: int) -> list[int]:
+    """Integer removals near ``wanted`` that sum to ``total``: floors, then one more for the
+    largest remainders (or one less for the smallest), round robin, within [0, size - 1]."""
     removed = [int(math.floor(w)) for w in wanted]
-    # hand out what the floors left, largest remainders first, within each layer's room
-    for layer in sorted(range(len(sizes)), key=lambda i: wanted[i] - removed[i], reverse=True):
-        if sum(removed) >= total:
-            break
-        if removed[layer] < sizes[layer] - 1:
-            removed[layer] += 1
+    order = sorted(range(len(sizes)), key=lambda i: wanted[i] - removed[i], reverse=True)
+    step = 0
+    while sum(removed) < total and any(removed[i] < sizes[i] - 1 for i in order):
+        layer = order[step % len(order)]
+        removed[layer] += removed[layer] < sizes[layer] - 1
+        step += 1
+    while sum(removed) > total:
+        layer = order[-1 - step % len(order)]
+        removed[layer] -= removed[layer] > 0
+        step += 1
     return removed
 
 
