@@ -54,6 +54,20 @@ def ours(model, docs, dense, calibration, criteria, settings, allocations, recor
                       f"params {kept:,}", flush=True)
 
 
+def nm_rows(model, docs, dense, calibration, criteria, record):
+    """2:4 masks on every attention and MLP projection (the shapes stay; half the weights are zero)."""
+    for criterion in criteria:
+        torch.compiler.reset()
+        start = time.perf_counter()
+        prune = {"method": "nm", "n": 2, "m": 4, "criterion": criterion,
+                 **({"calibration": calibration} if criterion == "wanda" else {})}
+        compiled = ev.compiled_forward(model, {"prune": prune, "lowering": "eager"})
+        result = ev.window_ppl(f"2:4 {criterion}", ev.logits_forward(compiled), docs, dense)
+        record({"method": f"nm:{criterion}", "setting": "nm2:4", "allocation": "uniform", "params": params(model),
+                "seconds": round(time.perf_counter() - start), **result.to_dict()})
+        print(f"{'2:4 ' + criterion:>14}  ppl ratio {result.ppl_ratio:8.3f}", flush=True)
+
+
 class LogitsOnly(torch.nn.Module):
     """What Torch-Pruning traces: ids -> logits, no cache."""
 
@@ -144,6 +158,9 @@ def main() -> None:
     parser.add_argument("--torch-pruning", nargs="*", default=None,
                         help="also run Torch-Pruning with these importances: taylor, magnitude (default taylor)")
     parser.add_argument("--torch-pruning-only", action="store_true", help="skip our criteria")
+    parser.add_argument("--nm", nargs="*", default=None, choices=["wanda", "magnitude"],
+                        help="also run 2:4 sparsity with these criteria (instead of our structured criteria with --nm-only)")
+    parser.add_argument("--nm-only", action="store_true", help="run only the 2:4 rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -165,8 +182,10 @@ def main() -> None:
                 json.dump(out, f, indent=1)
 
     record({"method": "dense", "setting": "dense", "params": params(model), **dense.to_dict()})
-    if not args.torch_pruning_only:
+    if not (args.torch_pruning_only or args.nm_only):
         ours(model, docs, dense.ppl, calibration, args.criteria, args.settings, args.allocations, record)
+    if args.nm is not None or args.nm_only:
+        nm_rows(model, docs, dense.ppl, calibration, args.nm or ["wanda", "magnitude"], record)
     importances = args.torch_pruning or (["taylor"] if args.torch_pruning == [] or args.torch_pruning_only else [])
     if importances:
         torch_pruning_rows(model, docs, dense.ppl, calibration, args.settings, importances, record)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-SETTINGS = {"mlp20": "MLP 20%", "mlp40": "MLP 40%", "heads3of9": "heads 3 of 9"}
+SETTINGS = {"mlp20": "MLP 20%", "mlp40": "MLP 40%", "heads3of9": "heads 3 of 9", "nm2:4": "2:4 (masked)"}
 
 
 def quality_table(rows: list[dict]) -> str:

@@ -266,9 +266,9 @@ class SkippedRegion:
 @dataclass
 class GraphAnalysis:
     attention: list[AttentionSite] = field(default_factory=list)
-    inputs: Sequence[Any] = ()  # the real tensors the graph's placeholders stand for, in order
     mlp: list[MLPSite] = field(default_factory=list)
     skipped: list[SkippedRegion] = field(default_factory=list)
+    inputs: Sequence[Any] = ()  # the real tensors the graph's placeholders stand for, in order
 
     def summary(self) -> dict:
         return {

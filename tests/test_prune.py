@@ -415,6 +415,8 @@ def test_nm_sparsity(criterion):
     model = tiny()
     calib = {"calibration": CALIB} if criterion == "wanda" else {}
     assert torch.equal(run(model, {"method": "nm", "n": 4, "m": 4, "criterion": criterion, **calib}), dense(model))
+    assert compile_sparse.explain(model, ids(), use_cache=False, options={"prune": {
+        "method": "nm", "n": 4, "m": 4, "criterion": criterion, **calib}}).passes[0]["rewrites"] == {"linear": 0}
     torch.compiler.reset()
     weights = {}
 
@@ -437,6 +439,41 @@ def test_nm_sparsity(criterion):
     expected = down * nm_mask(down.abs().double() * acts.norm(dim=0), 2, 4)
     name = next(n for n in weights if "layers_modules_0_modules_mlp_modules_down_proj" in n)
     assert torch.equal(weights[name], expected)
+
+
+def test_nm_generate_matches_masked_weights():
+    """Decode graphs reuse the prefill's calibration; tokens equal those of the eager model with
+    every projection masked by Wanda 2:4 scores from hooks."""
+    model = tiny()
+    norms = {}
+
+    def record(module, inp):
+        x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+        norms[module] = norms.get(module, 0) + (x * x).sum(0)
+
+    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    with torch.no_grad():
+        for b in CALIB:
+            model(b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    reference = tiny()
+    with torch.no_grad():
+        for mine, theirs in zip(linears, [m for layer in reference.model.layers for m in layer.modules()
+                                          if isinstance(m, nn.Linear)]):
+            theirs.weight.mul_(nm_mask(mine.weight.abs().double() * norms[mine].sqrt(), 2, 4))
+    compiled = torch.compile(model.forward, backend="sparse",
+                             options={"prune": {"method": "nm", "calibration": CALIB}, "lowering": "eager"})
+    eager_forward, model.forward = model.forward, compiled
+    try:
+        with torch.no_grad():
+            out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    finally:
+        model.forward = eager_forward
+    with torch.no_grad():
+        expected = reference.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,26 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(out, inp)  # (out, in)
 
 
+# ||X_j|| per projection input, kept per (batches, weight storage): the decode graphs of generate()
+# reuse the prefill's calibration (they have no token-id input of the calibration shape)
+_NORMS: dict[tuple, torch.Tensor] = {}
+
+
+def _input_norms(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSparsityConfig,
+                 linears: list[LinearOp]) -> dict[str, torch.Tensor]:
+    """Weight node name -> the L2 norm of each input channel over the calibration tokens (in,)."""
+    if config.criterion != "wanda":
+        return {}
+    batches = tuple(id(b) for b in config.calibration)
+    keys = {lin.weight.name: (batches, _value(gm, lin.weight, analysis.inputs).data_ptr()) for lin in linears}
+    missing = [lin for lin in linears if keys[lin.weight.name] not in _NORMS]
+    if missing:
+        calib = calibrate(gm, analysis.inputs, config.calibration, [lin.input for lin in missing])
+        for lin in missing:
+            _NORMS[keys[lin.weight.name]] = calib.stats[lin.input.name].norm
+    return {name: _NORMS[key] for name, key in keys.items()}
+
+
 @register("prune", "nm", NMSparsityConfig)
 def nm_sparsity_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSparsityConfig) -> PassResult:
     linears: list[tuple[str, LinearOp]] = []
@@ -64,19 +84,19 @@ def nm_sparsity_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSpar
                     if getattr(site, k) is not None]
     unique = {id(lin.node): (label, lin) for label, lin in linears}  # fused qkv appears three times
     result = PassResult("nm", "prune", rewrites={"linear": 0})
+    if config.n == config.m:
+        return result
     bad = [label for label, lin in unique.values() if lin.in_features % config.m]
     if bad:
         raise ValueError(f"{config.n}:{config.m} needs input widths divisible by {config.m}; not: {', '.join(bad)}")
-    calib = None
-    if config.criterion == "wanda":
-        calib = calibrate(gm, analysis.inputs, config.calibration, [lin.input for _, lin in unique.values()])
+    norms = _input_norms(gm, analysis, config, [lin for _, lin in unique.values()])
     before = after = 0
     for label, lin in unique.values():
         weight = _value(gm, lin.weight, analysis.inputs)
         rows = _rows(lin, weight)  # (out, in)
         score = rows.abs().double()
-        if calib is not None:
-            score = score * calib.stats[lin.input.name].norm
+        if config.criterion == "wanda":
+            score = score * norms[lin.weight.name]
         masked = rows * nm_mask(score, config.n, config.m)
         new = _buffer(gm, lin.weight.name, masked if lin.weight_layout == "out_in" else masked.t())
         lin.weight.replace_all_uses_with(new)
