@@ -129,6 +129,15 @@ def test_kv_group_units_remove_whole_groups(tmp_path):
                                atol=1e-6, rtol=1e-5)
 
 
+def test_kv_group_pruning_with_a_kv_cache_is_refused():
+    model = tiny(heads=6, kv_heads=3)
+    compiled = torch.compile(model.forward, backend="sparse", options={
+        "prune": spec("wanda", head_ratio=1 / 3, head_unit="kv_group"), "lowering": "eager"})
+    with pytest.raises(Exception, match="removing KV heads from a graph that fills a KV cache"):
+        with torch.no_grad():
+            compiled(input_ids=ids(), use_cache=True)
+
+
 def test_query_units_keep_equal_groups(tmp_path):
     model = tiny(heads=9, kv_heads=3)
     plan = plan_of(model, spec("wanda", head_ratio=1 / 3), tmp_path)

@@ -466,6 +466,10 @@ def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused:
         reason = head_refusal(site)
         if reason is not None:
             raise ValueError(f"layer {site.layer} attention: {reason}")
+        if len(entry.keep_kv_heads) < site.num_kv_heads and site.has_cache:
+            raise ValueError(f"layer {site.layer} attention: removing KV heads from a graph that fills a KV cache "
+                             "leaves a cache the next call cannot read (Dynamo traces the unpruned model); use "
+                             "head_unit='query', use_cache=False, or export the pruned model and compile that")
         _apply_heads(gm, analysis.inputs, site, entry)
         result.rewrites["heads"] += 1
         result.sites[f"layer {site.layer} attention"] = (
