@@ -60,12 +60,11 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Calibration:
-    """What ``calibrate`` collected: ChannelStats per watched node name, accumulated gradients per
-    weight placeholder name (empty without gradients), and the number of batches."""
+    """What ``calibrate`` collected: ChannelStats per watched node name, and the gradients per
+    weight placeholder name summed over the batches (empty without gradients)."""
 
     stats: dict[str, ChannelStats] = field(default_factory=dict)
     weight_grads: dict[str, torch.Tensor] = field(default_factory=dict)
-    batches: int = 0
 
 
 def _input_ids_placeholder(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
@@ -84,18 +83,21 @@ def _input_ids_placeholder(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
 
 
 def _logits(outputs: Any, ids: torch.Tensor) -> torch.Tensor:
-    """The first floating (B, T, V) graph output whose (B, T) matches the token ids."""
+    """The floating (B, T, V) graph output whose (B, T) matches the token ids, the widest one if
+    several do (logits are wider than hidden states)."""
     flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    for out in flat:
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 3 \
-                and tuple(out.shape[:2]) == tuple(ids.shape):
-            return out
+    found = [out for out in flat if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 3
+             and tuple(out.shape[:2]) == tuple(ids.shape)]
+    if found:
+        return max(found, key=lambda out: out.shape[-1])
     raise ValueError("this criterion needs gradients of the next-token loss, but the graph returns no logits "
                      f"for every position of the {tuple(ids.shape)} input (compile a forward that returns "
                      "full logits, e.g. without logits_to_keep)")
 
 
 class _Recorder(fx.Interpreter):
+    """Runs the graph and adds the value of every watched node (and its gradient) to its ChannelStats."""
+
     def __init__(self, gm: fx.GraphModule, result: Calibration, watch: set[str], gradients: bool):
         super().__init__(gm)
         self.result, self.watch, self.gradients = result, watch, gradients
@@ -139,7 +141,6 @@ def calibrate(gm: fx.GraphModule, inputs: Sequence[Any], batches: Sequence[torch
                 logits = _logits(outputs, batch)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
                 loss.backward()
-        result.batches += 1
     result.weight_grads = {name: leaf.grad.detach() for name, leaf in leaves.items() if leaf.grad is not None}
     return result
 
