@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compile_sparse
-from compile_sparse import calibration, models
+from compile_sparse import models
 from compile_sparse.export import shrink_model
 from compile_sparse.passes import prune as prune_base
 from compile_sparse.passes.nm_sparsity import nm_mask
