@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Triton kernels run under the interpreter on a machine without CUDA; the variable must be set
+# before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

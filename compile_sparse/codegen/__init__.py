@@ -1,0 +1,8 @@
+"""Triton code generation for the sparse attention forms: templates rendered per specialisation
+(``render``), a code cache, and the kernels as ``torch.library`` custom ops (``ops``)."""
+
+from .ops import (attention_key_scores, bitmap_compress, bitmap_decode_attention, decode_attention,
+                  prefill_attention, varlen_decode_attention)
+
+__all__ = ["attention_key_scores", "bitmap_compress", "bitmap_decode_attention", "decode_attention",
+           "prefill_attention", "varlen_decode_attention"]

@@ -1,0 +1,431 @@
+"""The sparse attention kernels as ``torch.library`` custom ops, with fake (shape) implementations
+and a torch reference for each.
+
+Every op runs its Triton kernel on CUDA tensors, or on CPU tensors under Triton's interpreter when
+called with ``interpret=True`` (for tests and debugging); otherwise it runs the torch reference.
+The backend calls the references directly on CPU, so that Inductor compiles them.
+
+Shapes: B batch, Hq query heads, Hkv KV heads (GROUP = Hq / Hkv), D head dim, T / L tokens.
+- ``decode_attention(q (B, Hq, 1, D), k, v (B, Hkv, L, D))`` -> (B, Hq, 1, D)
+- ``varlen_decode_attention(q, k, v (N, D) packed, offsets, lengths (B * Hkv,))`` -> (B, Hq, 1, D)
+- ``bitmap_compress(x (B, Hkv, L, D), sparsity)`` -> bits (B, Hkv, L, D / 8) uint8, values (B, Hkv, L, kept)
+- ``bitmap_decode_attention(q, k_bits, k_values, v_bits, v_values)`` -> (B, Hq, 1, D)
+- ``prefill_attention(q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D), index (B, Hkv, K) or empty)`` ->
+  out (B, Hq, Tq, D), lse (B, Hq, Tq) fp32
+- ``attention_key_scores(q, k, q_start)`` -> (B, Hkv, Tk) fp32
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .render import load
+
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+             torch.int64: "i64", torch.uint8: "u8"}
+
+
+@dataclass
+class Launch:
+    """One kernel launch: what the op runs, and what the PTX check compiles."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    num_warps: int = 4
+    num_stages: int = 2
+    signature: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = self.kernel.arg_names
+        if len(names) != len(self.args):
+            raise TypeError(f"{self.kernel.__name__} takes {len(names)} arguments, got {len(self.args)}")
+        self.signature = {name: _triton_type(arg) for name, arg in zip(names, self.args)}
+
+    def run(self) -> None:
+        if 0 in self.grid:
+            return
+        self.kernel[self.grid](*self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _triton_type(arg: Any) -> str:
+    if isinstance(arg, Tensor):
+        return "*" + _TL_TYPES[arg.dtype]
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        raise TypeError(f"kernel arguments are tensors, ints or floats, got {arg!r}")
+    return "fp32" if isinstance(arg, float) else ("i64" if abs(arg) >= 2**31 else "i32")
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _math(dtype: torch.dtype, interpret: bool) -> dict[str, Any]:
+    """Compute-dtype specialisations: the interpreter gets bf16 / fp16 math wrong, so it upcasts;
+    fp32 inputs use IEEE dot products (not TF32) on the GPU."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"attention kernels take fp32, fp16 or bf16 tensors, got {dtype}")
+    return dict(UPCAST=int(interpret or dtype == torch.float32),
+                DOT_PRECISION="ieee" if dtype == torch.float32 or interpret else "tf32")
+
+
+def _check_head_dim(d: int) -> None:
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+
+
+def _gqa(q: Tensor, hkv: int) -> int:
+    """Query heads per KV head of q (B, Hq, T, D)."""
+    if q.shape[1] % hkv:
+        raise ValueError(f"{q.shape[1]} query heads do not divide into {hkv} KV heads")
+    return q.shape[1] // hkv
+
+
+def _run(launches: Callable[[], list[Launch]]) -> None:
+    for launch in launches():
+        launch.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention: compacted, per-head variable length, bitmap-sparse
+# ---------------------------------------------------------------------------------------------
+
+
+def _splits(q: Tensor, units: int, longest: int, block_n: int, num_splits: int) -> tuple[int, int]:
+    """(splits, tokens per split): enough programs to fill the GPU, each a multiple of block_n."""
+    blocks = max(1, math.ceil(longest / block_n))
+    if num_splits <= 0:
+        programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        num_splits = math.ceil(programs / units)
+    num_splits = min(num_splits, blocks)
+    chunk = math.ceil(blocks / num_splits) * block_n
+    return math.ceil(max(longest, 1) / chunk), chunk
+
+
+def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, interpret: bool,
+                    num_splits: int = 0, offsets: Tensor | None = None, lengths: Tensor | None = None,
+                    k_bits: Tensor | None = None, v_bits: Tensor | None = None) -> list[Launch]:
+    """The split kernel and the combine kernel for one decode step.
+
+    Dense: k, v (B, Hkv, L, D). Varlen: k, v (N, D), offsets / lengths (B * Hkv,) int32. Bitmap:
+    k, v are the packed values (B, Hkv, L, kept), k_bits / v_bits (B, Hkv, L, D / 8).
+    """
+    b, hq, one, d = q.shape
+    if one != 1:
+        raise ValueError(f"decode attention takes one query token, got q of shape {tuple(q.shape)}")
+    _check_head_dim(d)
+    varlen, bitmap = offsets is not None, k_bits is not None
+    if varlen:
+        hkv = offsets.shape[0] // b
+        length, longest = 0, int(lengths.max()) if lengths.numel() else 0
+        k_strides, v_strides = (0, 0, k.stride(0)), (0, 0, v.stride(0))
+    else:
+        hkv, length = k.shape[1], k.shape[2]
+        longest = length
+        k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+    group = _gqa(q, hkv)
+    block_n = 16 if interpret else 64
+    splits, chunk = _splits(q, b * hkv, longest, block_n, num_splits)
+    part_out = torch.empty((b, hkv, splits, group, d), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((b, hkv, splits, group), device=q.device, dtype=torch.float32)
+    dummy = q.new_empty(0, dtype=torch.int32)
+    spec = dict(HEAD_DIM=d, GROUP=group, BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_S=_pow2(splits),
+                VARLEN=int(varlen), BITMAP=int(bitmap), K_KEPT=k.shape[-1] if bitmap else d,
+                V_KEPT=v.shape[-1] if bitmap else d, **_math(q.dtype, interpret))
+    module = load("decode_attention", interpret, **spec)
+    partial = Launch(module.decode_partial, (b * hkv, splits),
+                     (q, k, v, k_bits if bitmap else dummy, v_bits if bitmap else dummy,
+                      offsets if varlen else dummy, lengths if varlen else dummy, part_out, part_lse,
+                      hkv, length, chunk, splits, float(scale), q.stride(0), q.stride(1), *k_strides, *v_strides),
+                     num_warps=4, num_stages=3)
+    merge = Launch(module.combine, (b * hq,), (part_out, part_lse, out, splits, hq, out.stride(0), out.stride(1)))
+    return [partial, merge]
+
+
+def _grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """fp32 softmax of q (B, Hq, T, D) over k (B, Hkv, L, D), k shared by groups: (B, Hq, T, L).
+    ``mask`` (T, L) or (B, Hkv, T, L) True where visible; rows with no visible key are 0."""
+    group = _gqa(q, k.shape[1])
+    k = k.float().repeat_interleave(group, dim=1)  # (B, Hq, L, D)
+    logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (B, Hq, T, L)
+    if mask is not None:
+        if mask.dim() == 4:
+            mask = mask.repeat_interleave(group, dim=1)  # (B, Hq, T, L)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1).nan_to_num(0.0)
+
+
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q (B, Hq, 1, D), k / v (B, Hkv, L, D) -> (B, Hq, 1, D) in q's dtype; an empty cache gives 0."""
+    probs = _grouped_probs(q, k, scale)  # (B, Hq, 1, L)
+    v = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, Hq, L, D)
+    return torch.matmul(probs, v).to(q.dtype)
+
+
+@torch.library.custom_op("compile_sparse::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, interpret: bool = False,
+                     num_splits: int = 0) -> Tensor:
+    """Attention of one new token over a compacted cache, GQA-aware, split along the cache."""
+    if not (q.is_cuda or interpret):
+        return decode_attention_reference(q, k, v, scale)
+    out = torch.empty_like(q)
+    _run(lambda: decode_launches(q, k, v, out, scale=scale, interpret=interpret, num_splits=num_splits))
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, scale, interpret=False, num_splits=0):
+    return torch.empty_like(q)
+
+
+def varlen_decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, lengths: Tensor,
+                                      scale: float) -> Tensor:
+    """q (B, Hq, 1, D); k, v (N, D) with head (b, h)'s tokens at rows offsets[b * Hkv + h] onwards,
+    lengths[b * Hkv + h] of them -> (B, Hq, 1, D)."""
+    b, hq, _, d = q.shape
+    hkv = offsets.shape[0] // b
+    group = _gqa(q, hkv)
+    out = torch.zeros_like(q)
+    for bh, (first, count) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        heads = slice(bh % hkv * group, (bh % hkv + 1) * group)
+        rows = slice(first, first + count)
+        out[bh // hkv, heads] = decode_attention_reference(q[bh // hkv, None, heads], k[None, None, rows],
+                                                           v[None, None, rows], scale)[0]
+    return out
+
+
+@torch.library.custom_op("compile_sparse::varlen_decode_attention", mutates_args=())
+def varlen_decode_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, lengths: Tensor, scale: float,
+                            interpret: bool = False, num_splits: int = 0) -> Tensor:
+    """Decode attention over a packed cache in which every KV head keeps its own number of tokens."""
+    if offsets.shape != lengths.shape or offsets.shape[0] % q.shape[0]:
+        raise ValueError(f"offsets {tuple(offsets.shape)} and lengths {tuple(lengths.shape)} must both be "
+                         f"(B * Hkv,) with B = {q.shape[0]}")
+    if not (q.is_cuda or interpret):
+        return varlen_decode_attention_reference(q, k, v, offsets, lengths, scale)
+    out = torch.empty_like(q)
+    _run(lambda: decode_launches(q, k, v, out, scale=scale, interpret=interpret, num_splits=num_splits,
+                                 offsets=offsets.int(), lengths=lengths.int()))
+    return out
+
+
+@varlen_decode_attention.register_fake
+def _(q, k, v, offsets, lengths, scale, interpret=False, num_splits=0):
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitmap-sparse KV (Mustafar)
+# ---------------------------------------------------------------------------------------------
+
+
+def kept_elements(head_dim: int, sparsity: float) -> int:
+    """Elements each token keeps at ``sparsity`` (the fraction removed)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return max(1, round(head_dim * (1.0 - sparsity)))
+
+
+def bitmap_compress_reference(x: Tensor, sparsity: float) -> tuple[Tensor, Tensor]:
+    """x (..., D) -> bits (..., D / 8) uint8, values (..., kept): the kept largest-|x| elements per token,
+    ties broken towards lower indices, in element order."""
+    d = x.shape[-1]
+    kept = kept_elements(d, sparsity)
+    size = x.float().abs()
+    threshold = size.sort(dim=-1, descending=True).values[..., kept - 1: kept]  # (..., 1)
+    above, tie = size > threshold, size == threshold
+    need = kept - above.sum(dim=-1, keepdim=True)
+    keep = above | (tie & (tie.int().cumsum(dim=-1) <= need))  # (..., D), exactly `kept` per token
+    values = x[keep].reshape(*x.shape[:-1], kept)  # boolean indexing keeps element order
+    weights = 2 ** torch.arange(8, device=x.device, dtype=torch.int32)
+    bits = (keep.reshape(*x.shape[:-1], d // 8, 8).int() * weights).sum(dim=-1).to(torch.uint8)  # (..., D / 8)
+    return bits, values
+
+
+def bitmap_decompress(bits: Tensor, values: Tensor) -> Tensor:
+    """Inverse of the compression: (..., D / 8), (..., kept) -> (..., D) with zeros where pruned."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    keep = ((bits.int().unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)  # (..., D)
+    dense = values.new_zeros(keep.shape)
+    dense[keep] = values.flatten()
+    return dense
+
+
+def compress_launch(x: Tensor, bits: Tensor, values: Tensor, *, interpret: bool) -> Launch:
+    """x (..., D) contiguous into bits (..., D / 8) and values (..., kept)."""
+    d, kept = x.shape[-1], values.shape[-1]
+    rows = x.numel() // d
+    block_r = 16 if interpret else 32
+    module = load("bitmap_compress", interpret, HEAD_DIM=d, KEPT=kept, BLOCK_R=block_r)
+    return Launch(module.compress, (math.ceil(rows / block_r),), (x, bits, values, rows), num_warps=4)
+
+
+@torch.library.custom_op("compile_sparse::bitmap_compress", mutates_args=())
+def bitmap_compress(x: Tensor, sparsity: float, interpret: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-token magnitude pruning of x (..., D) into a bitmap and packed values."""
+    d = x.shape[-1]
+    if d < 8 or d & (d - 1):
+        raise ValueError(f"the last dim must be a power of two >= 8, got {d}")
+    if not (x.is_cuda or interpret):
+        return bitmap_compress_reference(x, sparsity)
+    bits = x.new_empty((*x.shape[:-1], d // 8), dtype=torch.uint8)
+    values = x.new_empty((*x.shape[:-1], kept_elements(d, sparsity)))
+    compress_launch(x.contiguous(), bits, values, interpret=interpret).run()
+    return bits, values
+
+
+@bitmap_compress.register_fake
+def _(x, sparsity, interpret=False):
+    kept = kept_elements(x.shape[-1], sparsity)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.uint8), x.new_empty((*x.shape[:-1], kept))
+
+
+@torch.library.custom_op("compile_sparse::bitmap_decode_attention", mutates_args=())
+def bitmap_decode_attention(q: Tensor, k_bits: Tensor, k_values: Tensor, v_bits: Tensor, v_values: Tensor,
+                            scale: float, interpret: bool = False, num_splits: int = 0) -> Tensor:
+    """Decode attention that reads bitmap-compressed K and V (B, Hkv, L, ...) directly."""
+    if not (q.is_cuda or interpret):
+        k, v = bitmap_decompress(k_bits, k_values), bitmap_decompress(v_bits, v_values)
+        return decode_attention_reference(q, k, v, scale)
+    for name, t in (("k_bits", k_bits), ("k_values", k_values), ("v_bits", v_bits), ("v_values", v_values)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (as bitmap_compress writes it)")
+    out = torch.empty_like(q)
+    _run(lambda: decode_launches(q, k_values, v_values, out, scale=scale, interpret=interpret,
+                                 num_splits=num_splits, k_bits=k_bits, v_bits=v_bits))
+    return out
+
+
+@bitmap_decode_attention.register_fake
+def _(q, k_bits, k_values, v_bits, v_values, scale, interpret=False, num_splits=0):
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill attention with log-sum-exp, gathered-token attention, per-key scores
+# ---------------------------------------------------------------------------------------------
+
+
+def _visibility(q_len: int, kv_len: int, causal: bool, index: Tensor | None, device: torch.device) -> Tensor | None:
+    """True where query i (at kv_len - q_len + i) may see key j: (Tq, Tk), or (B, Hkv, Tq, K) gathered."""
+    q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)  # (Tq,)
+    if index is None:
+        return (torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]) if causal else None
+    if not causal:
+        return torch.ones((*index.shape[:2], q_len, index.shape[2]), dtype=torch.bool, device=device)
+    return index[:, :, None, :] <= q_pos[:, None]  # (B, Hkv, Tq, K)
+
+
+def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, scale: float,
+                                causal: bool) -> tuple[Tensor, Tensor]:
+    """out (B, Hq, Tq, D) in q's dtype and the fp32 log-sum-exp (B, Hq, Tq) (-inf for a row that
+    sees no key); with ``index`` (B, Hkv, K) the keys are k / v's tokens at those positions."""
+    kv_len = k.shape[2]
+    mask = _visibility(q.shape[2], kv_len, causal, index, q.device)
+    if index is not None:
+        gather = index[..., None].expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, K, D)
+        k, v = k.gather(2, gather), v.gather(2, gather)
+    group = _gqa(q, k.shape[1])
+    logits = torch.matmul(q.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~(mask.repeat_interleave(group, dim=1) if mask.dim() == 4 else mask), float("-inf"))
+    lse = logits.logsumexp(dim=-1)  # (B, Hq, Tq)
+    probs = (logits - lse[..., None]).exp().nan_to_num(0.0)
+    out = torch.matmul(probs, v.float().repeat_interleave(group, dim=1))
+    return out.to(q.dtype), lse
+
+
+def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: Tensor, lse: Tensor, *,
+                   scale: float, causal: bool, interpret: bool) -> Launch:
+    b, hq, q_len, d = q.shape
+    _check_head_dim(d)
+    group = _gqa(q, k.shape[1])
+    gather = index is not None
+    kv_len = index.shape[2] if gather else k.shape[2]
+    block_m, block_n, warps = (16, 16, 4) if interpret else (128, 64, 8)
+    module = load("prefill_attention", interpret, HEAD_DIM=d, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
+                  CAUSAL=int(causal), GATHER=int(gather), **_math(q.dtype, interpret))
+    index_arg = index if gather else q.new_empty(0, dtype=torch.int64)
+    index_strides = (index.stride(0), index.stride(1)) if gather else (0, 0)
+    return Launch(module.prefill, (math.ceil(q_len / block_m), b * hq),
+                  (q, k, v, index_arg, out, lse, q_len, kv_len, k.shape[2] - q_len, hq, float(scale),
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *index_strides, *out.stride()[:3]),
+                  num_warps=warps, num_stages=3)
+
+
+def _check_index(index: Tensor, k: Tensor) -> None:
+    if index.dim() != 3 or index.shape[:2] != k.shape[:2]:
+        raise ValueError(f"index must be (B, Hkv, K) = ({k.shape[0]}, {k.shape[1]}, K), got {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+
+
+@torch.library.custom_op("compile_sparse::prefill_attention", mutates_args=())
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, scale: float, causal: bool,
+                      interpret: bool = False) -> tuple[Tensor, Tensor]:
+    """Attention of q (B, Hq, Tq, D) over k / v (B, Hkv, Tk, D), or over only their tokens at the
+    sorted positions ``index`` (B, Hkv, K) when given. Returns out and the fp32 log-sum-exp."""
+    if index is not None:
+        _check_index(index, k)
+    if not (q.is_cuda or interpret):
+        return prefill_attention_reference(q, k, v, index, scale, causal)
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    prefill_launch(q, k, v, index, out, lse, scale=scale, causal=causal, interpret=interpret).run()
+    return out, lse
+
+
+@prefill_attention.register_fake
+def _(q, k, v, index, scale, causal, interpret=False):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def key_scores_reference(q: Tensor, k: Tensor, scale: float, causal: bool, q_start: int) -> Tensor:
+    """Softmax probability each key gets from queries [q_start, Tq), summed over them and over the
+    query heads of its group: (B, Hkv, Tk) fp32."""
+    b, hkv, kv_len, _ = k.shape
+    q_len = q.shape[2]
+    mask = _visibility(q_len, kv_len, causal, None, q.device)
+    probs = _grouped_probs(q[:, :, q_start:], k, scale, None if mask is None else mask[q_start:])  # (B, Hq, w, Tk)
+    return probs.reshape(b, hkv, -1, kv_len).sum(dim=2)  # (B, Hkv, Tk)
+
+
+def key_scores_launch(q: Tensor, k: Tensor, lse: Tensor, out: Tensor, *, scale: float, causal: bool, q_start: int,
+                      interpret: bool) -> Launch:
+    b, hkv, kv_len, d = k.shape
+    block_m, block_n, warps = (16, 16, 4) if interpret else (64, 64, 4)
+    module = load("key_scores", interpret, HEAD_DIM=d, GROUP=_gqa(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,
+                  CAUSAL=int(causal), **_math(q.dtype, interpret))
+    return Launch(module.key_scores, (math.ceil(kv_len / block_n), b * hkv),
+                  (q, k, lse, out, q.shape[2], kv_len, q_start, hkv, float(scale), *q.stride()[:3], *k.stride()[:3]),
+                  num_warps=warps, num_stages=2)
+
+
+@torch.library.custom_op("compile_sparse::attention_key_scores", mutates_args=())
+def attention_key_scores(q: Tensor, k: Tensor, scale: float, causal: bool, q_start: int,
+                         interpret: bool = False) -> Tensor:
+    """Per-key attention received from queries [q_start, Tq) (B, Hkv, Tk), computed as the log-sum-exp
+    of those rows (the prefill kernel) followed by the column sums (no Tq x Tk matrix)."""
+    if not 0 <= q_start < q.shape[2]:
+        raise ValueError(f"q_start must be in [0, {q.shape[2]}), got {q_start}")
+    if not (q.is_cuda or interpret):
+        return key_scores_reference(q, k, scale, causal, q_start)
+    window = q[:, :, q_start:]  # (B, Hq, w, D)
+    b, hq, w, d = window.shape
+    lse = q.new_empty((b, hq, w), dtype=torch.float32)
+    out = q.new_empty(k.shape[:3], dtype=torch.float32)
+    # the rows' log-sum-exp needs values only for the (unused) output: pass k as v
+    prefill_launch(window, k, k, None, torch.empty_like(window), lse, scale=scale, causal=causal,
+                   interpret=interpret).run()
+    key_scores_launch(window, k, lse, out, scale=scale, causal=causal, q_start=0, interpret=interpret).run()
+    return out
+
+
+@attention_key_scores.register_fake
+def _(q, k, scale, causal, q_start, interpret=False):
+    return q.new_empty(k.shape[:3], dtype=torch.float32)
