@@ -1,7 +1,9 @@
 """The Triton kernels against their fp32 torch references.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest before triton
-is imported), on small shapes; where CUDA is present every check also runs compiled on the GPU.
+On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest before triton is imported), on small shapes; on a CUDA machine the same checks run the
+compiled kernels on the GPU (one process cannot do both: triton's own library functions are built
+for one mode when triton is imported).
 Inputs are fresh random tensors per check and kernel outputs are poisoned (NaN) before the run.
 A last test compiles every generated kernel to PTX / cubin for sm_90, so a kernel that would not
 build on an H100 fails here.
@@ -19,7 +21,8 @@ import torch
 
 from compile_sparse.codegen import build_check, ops, render
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICES = [DEVICE]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 D = 32
 
@@ -175,7 +178,7 @@ def test_bitmap_compress(device, dtype, sparsity, gen):
 
 def test_bitmap_compress_breaks_ties_towards_low_indices():
     x = torch.tensor([[1.0, -2.0, 2.0, 2.0, 0.5, -2.0, 0.0, 3.0] * 2])  # (1, 16)
-    bits, values = ops.bitmap_compress(x, 0.75, interpret=True)  # keeps 4 of 16
+    bits, values = ops.bitmap_compress(x.to(DEVICE), 0.75, interpret=interpret(DEVICE))  # keeps 4 of 16
     # both 3.0s, then the first two of the six |x| = 2 ties
     assert values.tolist() == [[-2.0, 2.0, 3.0, 3.0]]
     assert ops.bitmap_decompress(bits, values).nonzero()[:, 1].tolist() == [1, 2, 7, 15]
@@ -275,11 +278,11 @@ def test_attention_key_scores(device, dtype, group, q_len, kv_len, q_start, caus
 
 def test_key_scores_launch_writes_every_key(gen):
     """The column-sum kernel alone, from the prefill kernel's lse, into a poisoned output."""
-    q = randn(1, 4, 20, D, dtype=torch.float32, device="cpu", generator=gen)
-    k, v = (randn(1, 2, 20, D, dtype=torch.float32, device="cpu", generator=gen) for _ in range(2))
-    _, lse = ops.prefill_attention(q, k, v, None, 0.2, True, interpret=True)
-    out = poisoned((1, 2, 20), torch.float32, "cpu")
-    ops.key_scores_launch(q, k, lse, out, scale=0.2, causal=True, q_start=5, interpret=True).run()
+    q = randn(1, 4, 20, D, dtype=torch.float32, device=DEVICE, generator=gen)
+    k, v = (randn(1, 2, 20, D, dtype=torch.float32, device=DEVICE, generator=gen) for _ in range(2))
+    _, lse = ops.prefill_attention(q, k, v, None, 0.2, True, interpret=interpret(DEVICE))
+    out = poisoned((1, 2, 20), torch.float32, DEVICE)
+    ops.key_scores_launch(q, k, lse, out, scale=0.2, causal=True, q_start=5, interpret=interpret(DEVICE)).run()
     assert_close(out, ops.key_scores_reference(q, k, 0.2, True, 5))
 
 

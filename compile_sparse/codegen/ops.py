@@ -96,24 +96,29 @@ def _run(launches: Callable[[], list[Launch]]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _splits(q: Tensor, units: int, longest: int, block_n: int, num_splits: int) -> tuple[int, int]:
-    """(splits, tokens per split): enough programs to fill the GPU, each a multiple of block_n."""
-    blocks = max(1, math.ceil(longest / block_n))
-    if num_splits <= 0:
+def _num_splits(q: Tensor, units: int, typical: int, block_n: int, requested: int) -> int:
+    """Splits per KV head: ``requested``, or enough programs to fill the GPU, at most one per
+    block_n tokens of a ``typical`` head. Each head divides its own length into that many splits
+    inside the kernel, so no length is read back to the host."""
+    if requested <= 0:
         programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        num_splits = math.ceil(programs / units)
-    num_splits = min(num_splits, blocks)
-    chunk = math.ceil(blocks / num_splits) * block_n
-    return math.ceil(max(longest, 1) / chunk), chunk
+        requested = math.ceil(programs / units)
+    return max(1, min(requested, math.ceil(typical / block_n)))
+
+
+# (BLOCK_N, num_warps) of the decode kernel on the GPU, dense / varlen and bitmap (bench/gpu_kernels.py --sweep)
+DECODE_CONFIG = {False: (64, 4), True: (64, 4)}
 
 
 def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, interpret: bool,
                     num_splits: int = 0, offsets: Tensor | None = None, lengths: Tensor | None = None,
-                    k_bits: Tensor | None = None, v_bits: Tensor | None = None) -> list[Launch]:
+                    k_bits: Tensor | None = None, v_bits: Tensor | None = None,
+                    config: tuple[int, int] | None = None) -> list[Launch]:
     """The split kernel and the combine kernel for one decode step.
 
     Dense: k, v (B, Hkv, L, D). Varlen: k, v (N, D), offsets / lengths (B * Hkv,) int32. Bitmap:
-    k, v are the packed values (B, Hkv, L, kept), k_bits / v_bits (B, Hkv, L, D / 8).
+    k, v are the packed values (B, Hkv, L, kept), k_bits / v_bits (B, Hkv, L, D / 8). ``config``
+    overrides DECODE_CONFIG.
     """
     b, hq, one, d = q.shape
     if one != 1:
@@ -122,27 +127,30 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
     varlen, bitmap = offsets is not None, k_bits is not None
     if varlen:
         hkv = offsets.shape[0] // b
-        length, longest = 0, int(lengths.max()) if lengths.numel() else 0
+        length, typical = 0, k.shape[0] // (b * hkv)
         k_strides, v_strides = (0, 0, k.stride(0)), (0, 0, v.stride(0))
     else:
         hkv, length = k.shape[1], k.shape[2]
-        longest = length
+        typical = length
         k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
     group = _gqa(q, hkv)
-    block_n = 16 if interpret else 64
-    splits, chunk = _splits(q, b * hkv, longest, block_n, num_splits)
+    block_n, warps = (16, 4) if interpret else config or (DECODE_CONFIG[bitmap])
+    splits = _num_splits(q, b * hkv, typical, block_n, num_splits)
     part_out = torch.empty((b, hkv, splits, group, d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((b, hkv, splits, group), device=q.device, dtype=torch.float32)
     dummy = q.new_empty(0, dtype=torch.int32)
     spec = dict(HEAD_DIM=d, GROUP=group, BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_S=_pow2(splits),
                 VARLEN=int(varlen), BITMAP=int(bitmap), K_KEPT=k.shape[-1] if bitmap else d,
-                V_KEPT=v.shape[-1] if bitmap else d, **_math(q.dtype, interpret))
+                V_KEPT=v.shape[-1] if bitmap else d, KEPT_PAD=_pow2(max(k.shape[-1], v.shape[-1])) if bitmap else d,
+                **_math(q.dtype, interpret))
+    if bitmap:  # the kernel reads the bitmap as int32 words (little-endian: bit e of byte e // 8 stays bit e)
+        k_bits, v_bits = k_bits.view(torch.int32), v_bits.view(torch.int32)
     module = load("decode_attention", interpret, **spec)
     partial = Launch(module.decode_partial, (b * hkv, splits),
                      (q, k, v, k_bits if bitmap else dummy, v_bits if bitmap else dummy,
                       offsets if varlen else dummy, lengths if varlen else dummy, part_out, part_lse,
-                      hkv, length, chunk, splits, float(scale), q.stride(0), q.stride(1), *k_strides, *v_strides),
-                     num_warps=4, num_stages=3)
+                      hkv, length, splits, float(scale), q.stride(0), q.stride(1), *k_strides, *v_strides),
+                     num_warps=warps, num_stages=3)
     merge = Launch(module.combine, (b * hq,), (part_out, part_lse, out, splits, hq, out.stride(0), out.stride(1)))
     return [partial, merge]
 
@@ -340,14 +348,19 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor |
     return out.to(q.dtype), lse
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel on the GPU (bench/gpu_kernels.py --sweep)
+PREFILL_CONFIG = (128, 64, 8, 3)
+
+
 def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: Tensor, lse: Tensor, *,
-                   scale: float, causal: bool, interpret: bool) -> Launch:
+                   scale: float, causal: bool, interpret: bool,
+                   config: tuple[int, int, int, int] = PREFILL_CONFIG) -> Launch:
     b, hq, q_len, d = q.shape
     _check_head_dim(d)
     group = _gqa(q, k.shape[1])
     gather = index is not None
     kv_len = index.shape[2] if gather else k.shape[2]
-    block_m, block_n, warps = (16, 16, 4) if interpret else (128, 64, 8)
+    block_m, block_n, warps, stages = (16, 16, 4, 1) if interpret else config
     module = load("prefill_attention", interpret, HEAD_DIM=d, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
                   CAUSAL=int(causal), GATHER=int(gather), **_math(q.dtype, interpret))
     index_arg = index if gather else q.new_empty(0, dtype=torch.int64)
@@ -355,7 +368,7 @@ def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: T
     return Launch(module.prefill, (math.ceil(q_len / block_m), b * hq),
                   (q, k, v, index_arg, out, lse, q_len, kv_len, k.shape[2] - q_len, hq, float(scale),
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *index_strides, *out.stride()[:3]),
-                  num_warps=warps, num_stages=3)
+                  num_warps=warps, num_stages=stages)
 
 
 def _check_index(index: Tensor, k: Tensor) -> None:

@@ -5,8 +5,8 @@ specialisations (head dim, GQA group size, block sizes, layout flags, compute dt
 globals. ``render`` writes those globals as ``tl.constexpr`` lines above the body, so every
 specialisation is a separate module that Triton compiles once. ``load`` writes the source to
 ``$COMPILE_SPARSE_CACHE/kernels/<name>_<hash>.py`` (the hash covers the source and the torch and
-triton versions; Triton's ``@jit`` needs a real file for its source) and imports it, keeping the
-module in memory after the first load.
+triton versions; Triton's ``@jit`` needs a real file for its source) and imports it; later calls
+with the same specialisations get the module from memory without rendering again.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 TEMPLATES = Path(__file__).parent / "templates"
-_LOADED: dict[tuple[str, bool], ModuleType] = {}
+_LOADED: dict[tuple, ModuleType] = {}  # (template, interpret, specialisations) -> module
 
 
 def cache_dir() -> Path:
@@ -70,11 +70,11 @@ def load(template: str, interpret: bool, **specialisations: int | float | str) -
     ``JITFunction``s, or the interpreter's functions (CPU tensors) when ``interpret``."""
     import triton
 
-    source = render(template, **specialisations)
-    versions = f"torch {torch.__version__} triton {triton.__version__}"
-    digest = hashlib.sha256(f"{versions}\n{source}".encode()).hexdigest()[:20]
-    key = (digest, interpret)
+    key = (template, interpret, tuple(sorted(specialisations.items())))
     if key not in _LOADED:
+        source = render(template, **specialisations)
+        versions = f"torch {torch.__version__} triton {triton.__version__}"
+        digest = hashlib.sha256(f"{versions}\n{source}".encode()).hexdigest()[:20]
         path = cache_dir() / f"{template}_{digest}.py"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 # Decode attention (one query token) over a KV cache, split along the cache, FlashDecoding-style.
-# `decode_partial` runs one program per (batch x KV head, cache chunk): the GROUP query heads that
+# `decode_partial` runs one program per (batch x KV head, split of that head's tokens): the GROUP query heads that
 # share the KV head attend to the chunk's tokens together (GQA: K and V are read once per group)
 # and write a normalised partial output with its log2-sum-exp; `combine` merges the chunks.
 #
@@ -7,7 +7,8 @@
 #   HEAD_DIM, GROUP (query heads per KV head), BLOCK_G (GROUP padded to tl.dot's 16 rows),
 #   BLOCK_N (cache tokens per step), BLOCK_S (splits merged by `combine`, a power of two),
 #   VARLEN (1: packed per-head layout, tokens of head (b, h) at rows offsets[b*Hkv+h] ..+ lengths[.]),
-#   BITMAP (1: K and V as a bitmap of kept elements plus K_KEPT / V_KEPT packed values per token),
+#   BITMAP (1: K and V as a bitmap of kept elements plus K_KEPT / V_KEPT packed values per token,
+#   read as rows of KEPT_PAD, the larger count rounded up to a power of two),
 #   UPCAST (1: fp32 math after every load), DOT_PRECISION ("ieee" for fp32 inputs).
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -19,10 +20,16 @@ def _tile(vals_ptr, bits_ptr, base, bits_base, token, stride_t, valid, KEPT: tl.
     d = tl.arange(0, HEAD_DIM)
     mask = valid[:, None]
     if BITMAP:
-        byte = tl.load(bits_ptr + bits_base + token[:, None] * (HEAD_DIM // 8) + d[None, :] // 8, mask=mask, other=0)
-        bit = (byte.to(tl.int32) >> (d[None, :] % 8)) & 1  # (BLOCK_N, HEAD_DIM)
+        # bits_ptr is the bitmap viewed as int32 words: bit e % 32 of word e // 32 marks element e
+        w = tl.arange(0, HEAD_DIM // 32)
+        words = tl.load(bits_ptr + bits_base + token[:, None] * (HEAD_DIM // 32) + w[None, :], mask=mask, other=0)
+        words = tl.reshape(tl.broadcast_to(words[:, :, None], [BLOCK_N, HEAD_DIM // 32, 32]), [BLOCK_N, HEAD_DIM])
+        bit = (words >> (d[None, :] % 32)) & 1  # (BLOCK_N, HEAD_DIM)
         rank = tl.cumsum(bit, axis=1) - 1  # index of each kept element among its token's packed values
-        x = tl.load(vals_ptr + base + token[:, None] * stride_t + rank, mask=mask & (bit != 0), other=0.0)
+        r = tl.arange(0, KEPT_PAD)
+        packed = tl.load(vals_ptr + base + token[:, None] * stride_t + r[None, :], mask=mask & (r[None, :] < KEPT),
+                         other=0.0)  # (BLOCK_N, KEPT_PAD): one contiguous row per token
+        x = tl.where(bit != 0, tl.gather(packed, tl.maximum(rank, 0), axis=1), 0.0)
     else:
         x = tl.load(vals_ptr + base + token[:, None] * stride_t + d[None, :], mask=mask, other=0.0)
     if UPCAST:
@@ -32,7 +39,7 @@ def _tile(vals_ptr, bits_ptr, base, bits_base, token, stride_t, valid, KEPT: tl.
 
 @triton.jit
 def decode_partial(q_ptr, k_ptr, v_ptr, k_bits_ptr, v_bits_ptr, offsets_ptr, lengths_ptr, part_out_ptr,
-                   part_lse_ptr, num_kv_heads, length, chunk, num_splits, scale,
+                   part_lse_ptr, num_kv_heads, length, num_splits, scale,
                    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -54,7 +61,8 @@ def decode_partial(q_ptr, k_ptr, v_ptr, k_bits_ptr, v_bits_ptr, offsets_ptr, len
         count = length
         k_base = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
         v_base = b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    bits_base = bh.to(tl.int64) * length * (HEAD_DIM // 8)  # BITMAP: bits are (B, Hkv, L, HEAD_DIM / 8)
+    bits_base = bh.to(tl.int64) * length * (HEAD_DIM // 32)  # BITMAP: words are (B, Hkv, L, HEAD_DIM / 32)
+    chunk = tl.cdiv(tl.cdiv(count, num_splits), BLOCK_N) * BLOCK_N  # each head splits its own length
     lo = split * chunk
     hi = tl.minimum(lo + chunk, count)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
