@@ -19,6 +19,7 @@ from .analysis import analyze
 from .explain import GraphReport, format_analysis
 from .options import SparseOptions, parse_options
 from .passes import method_for_config
+from .passes.kv_evict import KERNELS_META
 from .state import extend_example_inputs, with_state
 
 log = logging.getLogger("compile_sparse")
@@ -56,6 +57,7 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
     the graph it captured); returns the rewritten copy and a report."""
     gm = _copy(gm)
+    gm.meta[KERNELS_META] = options.kernels
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)
     report = GraphReport(analysis=analysis.summary(), passes=[])

@@ -2,7 +2,10 @@
 
 Keys: one per family (``"prune"``, ``"tokens"``, ``"kv"``), each a method name, a dict
 ``{"method": name, **params}`` or a config object; ``"recipe"`` (a named preset whose keys the
-explicit ones override); ``"lowering"`` (``"inductor"`` or ``"eager"``); ``"debug_dir"``.
+explicit ones override); ``"lowering"`` (``"inductor"`` or ``"eager"``); ``"kernels"`` (``"auto"``:
+the Triton kernels on CUDA tensors and torch code on CPU; ``"interpret"``: the Triton kernels on CPU
+too, under Triton's interpreter, for debugging; set TRITON_INTERPRET=1 before triton is imported);
+``"debug_dir"``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from .passes import FAMILIES, METHODS, method_for_config
 from .plan import Plan
 
 LOWERINGS = ("inductor", "eager")
-VALID_KEYS = FAMILIES + ("recipe", "lowering", "debug_dir")
+KERNELS = ("auto", "interpret")
+VALID_KEYS = FAMILIES + ("recipe", "lowering", "kernels", "debug_dir")
 
 # Named presets. Every entry is measured in docs/results.md with the command that measured it.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -36,6 +40,7 @@ class SparseOptions:
     methods: dict[str, object] = field(default_factory=dict)
     recipe: str | None = None
     lowering: str = "inductor"
+    kernels: str = "auto"
     debug_dir: Path | None = None
 
     def to_dict(self) -> dict:
@@ -43,7 +48,7 @@ class SparseOptions:
         for family, config in self.methods.items():
             params = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
             methods[family] = {"method": method_for_config(config).name, **params}
-        return {**methods, "recipe": self.recipe, "lowering": self.lowering,
+        return {**methods, "recipe": self.recipe, "lowering": self.lowering, "kernels": self.kernels,
                 "debug_dir": str(self.debug_dir) if self.debug_dir else None}
 
 
@@ -110,7 +115,10 @@ def parse_options(options: Mapping[str, Any] | str | None) -> SparseOptions:
     lowering = merged.pop("lowering", "inductor")
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; valid: {', '.join(LOWERINGS)}")
+    kernels = merged.pop("kernels", "auto")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
     debug_dir = merged.pop("debug_dir", None)
     methods = {family: _config(family, merged[family]) for family in FAMILIES if merged.get(family) is not None}
-    return SparseOptions(methods=methods, recipe=recipe, lowering=lowering,
+    return SparseOptions(methods=methods, recipe=recipe, lowering=lowering, kernels=kernels,
                          debug_dir=Path(debug_dir) if debug_dir is not None else None)

@@ -368,3 +368,48 @@ def test_every_kernel_compiles_for_h100():
     expected = {name for name, _ in build_check.launches()}  # 10 kernel launches, in bf16 and fp32
     built = {line.removeprefix("ok").strip().split(":")[0] for line in lines if line.startswith("ok")}
     assert len(expected) == 20 and built == expected, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the KV passes score with the kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, params", [("snapkv", {"window_size": 8}), ("h2o", {"recent_window": 4})])
+def test_kv_passes_score_with_the_key_score_kernel(method, params, monkeypatch):
+    """SnapKV's and H2O's scores come from the Triton kernel (on CUDA, or under the interpreter with
+    options["kernels"] = "interpret") and keep exactly the tokens the CPU torch path keeps."""
+    from compile_sparse import models
+
+    calls = []
+    kernel = ops.attention_key_scores
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("interpret"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention_key_scores", counted)
+    model = models.tiny_llama(head_dim=16)
+    input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    options = {"kv": {"method": method, "compression_ratio": 0.5, **params}, "lowering": "eager"}
+
+    def prefill(model, options, input_ids):
+        compiled = torch.compile(model.forward, backend="sparse", options=options)
+        with torch.no_grad():
+            return compiled(input_ids=input_ids, use_cache=True)
+
+    reference = prefill(model, options, input_ids)
+    assert calls == [], "CPU tensors with kernels='auto' score with torch code"
+    if DEVICE == "cuda":
+        out = prefill(model.cuda(), options, input_ids.cuda())
+        interpreted = False
+    else:
+        torch.compiler.reset()
+        out = prefill(model, {**options, "kernels": "interpret"}, input_ids)
+        interpreted = True
+    # per layer: once on the example (fake) tensors while the pass rewrites, once on the real ones
+    assert calls == [interpreted] * 4
+    for ours, theirs in zip(out.past_key_values.layers, reference.past_key_values.layers):
+        assert ours.keys.shape[-2] == theirs.keys.shape[-2] == 20
+        torch.testing.assert_close(ours.keys.cpu(), theirs.keys, atol=1e-5, rtol=1e-5)  # the same tokens kept
+    torch.testing.assert_close(out.logits.cpu(), reference.logits, atol=1e-4, rtol=1e-4)

@@ -32,7 +32,7 @@ def test_no_options_is_the_default_recipe():
 
 def test_unknown_key_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown option key\(s\) 'tokenz'; valid keys: prune, tokens, kv, recipe, "
-                                         r"lowering, debug_dir"):
+                                         r"lowering, kernels, debug_dir"):
         parse_options({"tokenz": "lazyllm"})
 
 
@@ -90,3 +90,10 @@ def test_registering_twice_is_refused(keep_method):
         register("kv", "keep", KeepConfig)(lambda *a: None)
     with pytest.raises(ValueError, match="unknown family 'weights'"):
         register("weights", "x", KeepConfig)
+
+
+def test_kernels_option_is_validated():
+    assert parse_options({"kernels": "interpret"}).kernels == "interpret"
+    assert parse_options(None).kernels == "auto"
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'; valid: auto, interpret"):
+        parse_options({"kernels": "cuda"})

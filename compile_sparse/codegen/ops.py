@@ -141,10 +141,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
     dummy = q.new_empty(0, dtype=torch.int32)
     spec = dict(HEAD_DIM=d, GROUP=group, BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_S=_pow2(splits),
                 VARLEN=int(varlen), BITMAP=int(bitmap), K_KEPT=k.shape[-1] if bitmap else d,
-                V_KEPT=v.shape[-1] if bitmap else d, KEPT_PAD=_pow2(max(k.shape[-1], v.shape[-1])) if bitmap else d,
-                **_math(q.dtype, interpret))
-    if bitmap:  # the kernel reads the bitmap as int32 words (little-endian: bit e of byte e // 8 stays bit e)
-        k_bits, v_bits = k_bits.view(torch.int32), v_bits.view(torch.int32)
+                V_KEPT=v.shape[-1] if bitmap else d, **_math(q.dtype, interpret))
     module = load("decode_attention", interpret, **spec)
     partial = Launch(module.decode_partial, (b * hkv, splits),
                      (q, k, v, k_bits if bitmap else dummy, v_bits if bitmap else dummy,
@@ -349,7 +346,7 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor |
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel on the GPU (bench/gpu_kernels.py --sweep)
-PREFILL_CONFIG = (128, 64, 8, 3)
+PREFILL_CONFIG = (128, 128, 8, 2)
 
 
 def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: Tensor, lse: Tensor, *,

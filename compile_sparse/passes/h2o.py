@@ -33,6 +33,6 @@ class H2OConfig(KVConfig):
 @kv_method("h2o", H2OConfig)
 def h2o_scores(inputs: ScoreInputs, config: H2OConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean attention received: (B, Hkv, T); state (B, Hkv, T, 2) = [attention sum, queries seen by]."""
-    state = accumulate(inputs, lambda probs: probs.sum(dim=(2, 3)))  # probs (B, Hkv, G, c, T)
+    state = accumulate(inputs)  # summed attention probabilities
     scores = state[..., 0] / state[..., 1].clamp(min=1)
     return protect_recent(scores, config.recent_window), state

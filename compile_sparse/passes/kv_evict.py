@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from .._torch_internals import run_on_examples
 from ..analysis import AttentionSite, GraphAnalysis, example_value
+from ..codegen import ops
 from ..state import StateSlot, add_state, add_state_input
 from . import PassResult, register
 
@@ -85,6 +86,9 @@ def check_int(config: object, *names: str, minimum: int = 1) -> None:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+KERNELS_META = "compile_sparse_kernels"  # gm.meta key: options["kernels"], set by the backend
+
+
 @dataclass
 class ScoreInputs:
     """What a scorer sees at one attention site.
@@ -100,6 +104,7 @@ class ScoreInputs:
     causal: bool
     past_len: Any
     state: torch.Tensor | None
+    kernels: str = "auto"  # options["kernels"]: "auto" (Triton on CUDA) or "interpret"
 
     @property
     def group_size(self) -> int:
@@ -145,16 +150,35 @@ def observers(inputs: ScoreInputs) -> torch.Tensor:
     return (inputs.past_len + n - k_pos).clamp(min=0, max=n)  # key j is seen by queries P + i >= j
 
 
-def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def column_sums(inputs: ScoreInputs, start: Any) -> torch.Tensor:
+    """Attention each cached key gets from the new queries [start, n), summed over them and over
+    the group: (B, Hkv, P + n) fp32. On CUDA (or with options["kernels"] = "interpret") the Triton
+    key-score kernel computes it without a queries x keys matrix; on CPU, chunked torch code that
+    Inductor compiles."""
+    if inputs.query.is_cuda or inputs.kernels == "interpret":
+        return ops.attention_key_scores(inputs.query, inputs.keys, inputs.scale, inputs.causal, start,
+                                        interpret=inputs.kernels == "interpret")
+    b, hkv, length, _ = inputs.keys.shape
+    total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
+    for first, stop in query_chunks(inputs.query.shape[2] - start):
+        total = total + attention_probs(inputs, start + first, start + stop).sum(dim=(2, 3))
+    return total
+
+
+def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Running (sum, count) per cached token and KV head: the state of H2O and HitKV.
 
     ``per_query`` maps attention probabilities (B, Hkv, G, c, T) to per-key amounts summed over
-    those queries and the group (B, Hkv, T). Returns (B, Hkv, P + n, 2): [sum, queries seen by].
+    those queries and the group (B, Hkv, T); None sums the probabilities (``column_sums``).
+    Returns (B, Hkv, P + n, 2): [sum, queries seen by].
     """
     b, hkv, length, _ = inputs.keys.shape
-    total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
-    for start, stop in query_chunks(inputs.query.shape[2]):
-        total = total + per_query(attention_probs(inputs, start, stop))
+    if per_query is None:
+        total = column_sums(inputs, 0)
+    else:
+        total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
+        for start, stop in query_chunks(inputs.query.shape[2]):
+            total = total + per_query(attention_probs(inputs, start, stop))
     count = observers(inputs) * inputs.group_size  # (P + n,)
     new = torch.stack([total, count.expand(b, hkv, length)], dim=-1)  # (B, Hkv, P + n, 2)
     if inputs.state is None:
@@ -181,7 +205,7 @@ def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def evict_kv(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, state: torch.Tensor | None = None, *,
              method: str, params: dict, layer: int, num_layers: int, prefill: bool, scale: float,
-             causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             causal: bool, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keep the budgeted tokens of one layer's cache.
 
     query (B, H, n, D); keys, values (B, Hkv, P + n, D); state (B, Hkv, P, S) or None.
@@ -192,7 +216,7 @@ def evict_kv(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, stat
     config = config_cls(**params)
     n, length = query.shape[2], keys.shape[2]
     past_len = length - n
-    inputs = ScoreInputs(query, keys, scale, causal, past_len, state)
+    inputs = ScoreInputs(query, keys, scale, causal, past_len, state, kernels)
     scores, new_state = scorer(inputs, config)
     kept = config.kept_tokens(prefill, layer, num_layers, length, past_len)
     if kept == length - 1:  # one token goes (a decode step): skip the lowest, no sort needed
@@ -237,7 +261,7 @@ def _rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: KVConfig, met
         state_in = add_state_input(gm, f"kv_state_layer_{site.layer}", example)
     args = (site.query, k_cat, v_cat) + ((state_in,) if state_in is not None else ())
     kwargs = dict(method=method, params=dataclasses.asdict(config), layer=site.layer, num_layers=num_layers,
-                  prefill=prefill, scale=site.scale, causal=bool(site.causal))
+                  prefill=prefill, scale=site.scale, causal=bool(site.causal), kernels=gm.meta.get(KERNELS_META, "auto"))
     values = run_on_examples(evict_kv, *(example_value(a) for a in args), **kwargs)
     with graph.inserting_before(_after_all(graph, [site.query, k_cat, v_cat, site.node]).next):
         evicted = graph.call_function(evict_kv, args, kwargs)
@@ -316,6 +340,6 @@ def pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
 def window_scores(inputs: ScoreInputs, window: int) -> torch.Tensor:
     """Mean attention the last ``window`` new queries pay each key, averaged over the group: (B, Hkv, P + n)."""
     n = inputs.query.shape[2]
-    probs = attention_probs(inputs, n - min(window, n), n)  # (B, Hkv, G, w, T)
-    return probs.mean(dim=(2, 3))
+    seen = min(window, n)
+    return column_sums(inputs, n - seen) / (seen * inputs.group_size)
 

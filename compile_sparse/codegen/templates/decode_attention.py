@@ -7,8 +7,7 @@
 #   HEAD_DIM, GROUP (query heads per KV head), BLOCK_G (GROUP padded to tl.dot's 16 rows),
 #   BLOCK_N (cache tokens per step), BLOCK_S (splits merged by `combine`, a power of two),
 #   VARLEN (1: packed per-head layout, tokens of head (b, h) at rows offsets[b*Hkv+h] ..+ lengths[.]),
-#   BITMAP (1: K and V as a bitmap of kept elements plus K_KEPT / V_KEPT packed values per token,
-#   read as rows of KEPT_PAD, the larger count rounded up to a power of two),
+#   BITMAP (1: K and V as a bitmap of kept elements plus K_KEPT / V_KEPT packed values per token),
 #   UPCAST (1: fp32 math after every load), DOT_PRECISION ("ieee" for fp32 inputs).
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -20,16 +19,10 @@ def _tile(vals_ptr, bits_ptr, base, bits_base, token, stride_t, valid, KEPT: tl.
     d = tl.arange(0, HEAD_DIM)
     mask = valid[:, None]
     if BITMAP:
-        # bits_ptr is the bitmap viewed as int32 words: bit e % 32 of word e // 32 marks element e
-        w = tl.arange(0, HEAD_DIM // 32)
-        words = tl.load(bits_ptr + bits_base + token[:, None] * (HEAD_DIM // 32) + w[None, :], mask=mask, other=0)
-        words = tl.reshape(tl.broadcast_to(words[:, :, None], [BLOCK_N, HEAD_DIM // 32, 32]), [BLOCK_N, HEAD_DIM])
-        bit = (words >> (d[None, :] % 32)) & 1  # (BLOCK_N, HEAD_DIM)
+        byte = tl.load(bits_ptr + bits_base + token[:, None] * (HEAD_DIM // 8) + d[None, :] // 8, mask=mask, other=0)
+        bit = (byte.to(tl.int32) >> (d[None, :] % 8)) & 1  # (BLOCK_N, HEAD_DIM)
         rank = tl.cumsum(bit, axis=1) - 1  # index of each kept element among its token's packed values
-        r = tl.arange(0, KEPT_PAD)
-        packed = tl.load(vals_ptr + base + token[:, None] * stride_t + r[None, :], mask=mask & (r[None, :] < KEPT),
-                         other=0.0)  # (BLOCK_N, KEPT_PAD): one contiguous row per token
-        x = tl.where(bit != 0, tl.gather(packed, tl.maximum(rank, 0), axis=1), 0.0)
+        x = tl.load(vals_ptr + base + token[:, None] * stride_t + rank, mask=mask & (bit != 0), other=0.0)
     else:
         x = tl.load(vals_ptr + base + token[:, None] * stride_t + d[None, :], mask=mask, other=0.0)
     if UPCAST:
@@ -61,7 +54,7 @@ def decode_partial(q_ptr, k_ptr, v_ptr, k_bits_ptr, v_bits_ptr, offsets_ptr, len
         count = length
         k_base = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
         v_base = b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    bits_base = bh.to(tl.int64) * length * (HEAD_DIM // 32)  # BITMAP: words are (B, Hkv, L, HEAD_DIM / 32)
+    bits_base = bh.to(tl.int64) * length * (HEAD_DIM // 8)  # BITMAP: bits are (B, Hkv, L, HEAD_DIM / 8)
     chunk = tl.cdiv(tl.cdiv(count, num_splits), BLOCK_N) * BLOCK_N  # each head splits its own length
     lo = split * chunk
     hi = tl.minimum(lo + chunk, count)
