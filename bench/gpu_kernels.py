@@ -208,6 +208,19 @@ def sweep_prefill(context: int) -> None:
             print(f"prefill {context} config {config}: {type(error).__name__}", flush=True)
 
 
+def sweep_key_scores(context: int, window: int) -> None:
+    """Time the key-score kernel's (BLOCK_M, BLOCK_N, num_warps) for a window at ``context``."""
+    q = torch.randn(B, HQ, context, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(B, HKV, context, D, device="cuda", dtype=DTYPE)
+    _, lse = ops.prefill_attention(q, k, k, None, SCALE, True)
+    scores = lse.new_empty((B, HKV, context))
+    for config in [(64, 64, 4), (64, 128, 4), (64, 128, 8), (32, 128, 4), (64, 256, 8), (32, 64, 2), (16, 128, 4)]:
+        launch = ops.key_scores_launch(q, k, lse, scores, scale=SCALE, causal=True, q_start=context - window,
+                                       interpret=False, config=config)
+        print(f"key scores {context} window {window} config {config}: {bench_ms(lambda: launch.run()):.4f} ms",
+              flush=True)
+
+
 def sweep_bitmap_decode(context: int) -> None:
     """Time the bitmap decode kernel's (BLOCK_N, num_warps) at ``context`` (ops.DECODE_CONFIG)."""
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
@@ -223,8 +236,8 @@ def sweep_bitmap_decode(context: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--prefill-contexts", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--prefill-contexts", type=int, nargs="*", default=[4096, 8192])
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--sweep", action="store_true", help="only time the prefill kernel's block configurations")
@@ -241,8 +254,9 @@ def main() -> None:
                 shapes=dict(batch=B, q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)))
     print(f"{meta['device']}: copy bandwidth {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        sweep_prefill(8192)
+        sweep_key_scores(8192, args.window)
         sweep_bitmap_decode(32768)
+        sweep_prefill(8192)
         return
     rec = Recorder(args.json, args.markdown, meta)
     flex = None

@@ -405,10 +405,14 @@ def key_scores_reference(q: Tensor, k: Tensor, scale: float, causal: bool, q_sta
     return probs.reshape(b, hkv, -1, kv_len).sum(dim=2)  # (B, Hkv, Tk)
 
 
+# (BLOCK_M, BLOCK_N, num_warps) of the key-score kernel on the GPU (bench/gpu_kernels.py --sweep)
+KEY_SCORES_CONFIG = (32, 128, 4)
+
+
 def key_scores_launch(q: Tensor, k: Tensor, lse: Tensor, out: Tensor, *, scale: float, causal: bool, q_start: int,
-                      interpret: bool) -> Launch:
+                      interpret: bool, config: tuple[int, int, int] = KEY_SCORES_CONFIG) -> Launch:
     b, hkv, kv_len, d = k.shape
-    block_m, block_n, warps = (16, 16, 4) if interpret else (64, 64, 4)
+    block_m, block_n, warps = (16, 16, 4) if interpret else config
     module = load("key_scores", interpret, HEAD_DIM=d, GROUP=_gqa(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,
                   CAUSAL=int(causal), **_math(q.dtype, interpret))
     return Launch(module.key_scores, (math.ceil(kv_len / block_n), b * hkv),
