@@ -22,7 +22,7 @@ def test_inspect_bad_options_exit_2_with_the_valid_keys(capsys):
     assert main(["inspect", "tiny-llama", "--options", '{"kv": "nope"}']) == 2
     assert "unknown kv method 'nope'; available kv methods: h2o, hitkv, knorm" in capsys.readouterr().err
     assert main(["inspect", "tiny-llama", "--options", '{"prune2": 1}']) == 2
-    assert "valid keys: prune, tokens, kv, recipe, lowering, debug_dir" in capsys.readouterr().err
+    assert "valid keys: prune, tokens, kv, recipe, lowering, kernels, debug_dir" in capsys.readouterr().err
 
 
 def test_inspect_unknown_model_names_the_zoo(capsys):

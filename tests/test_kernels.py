@@ -416,3 +416,13 @@ def test_kv_passes_score_with_the_key_score_kernel(method, params, monkeypatch):
         assert ours.keys.shape[-2] == theirs.keys.shape[-2] == 20
         torch.testing.assert_close(ours.keys.cpu(), theirs.keys, atol=1e-5, rtol=1e-5)  # the same tokens kept
     torch.testing.assert_close(out.logits.cpu(), reference.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ops_take_inputs_without_a_unit_last_stride(gen):
+    """The ops copy such inputs (the kernels index the last axis with stride 1); launches refuse them."""
+    q = randn(1, 4, 1, D, dtype=torch.float32, device=DEVICE, generator=gen)
+    k = randn(1, 2, 9, D * 2, dtype=torch.float32, device=DEVICE, generator=gen)[..., ::2]  # stride 2
+    out = ops.decode_attention(q, k, k, 0.2, interpret=interpret(DEVICE))
+    assert_close(out, ops.decode_attention_reference(q, k, k, 0.2))
+    with pytest.raises(ValueError, match="k, v must have a unit stride"):
+        ops.decode_launches(q, k, k, torch.empty_like(q), scale=0.2, interpret=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,9 +86,20 @@ def _gqa(q: Tensor, hkv: int) -> int:
     return q.shape[1] // hkv
 
 
-def _run(launches: Callable[[], list[Launch]]) -> None:
-    for launch in launches():
+def _run(launches: list[Launch]) -> None:
+    for launch in launches:
         launch.run()
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """``t`` with a unit stride on its last axis, which every kernel assumes (copied if needed)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_unit_last(**tensors: Tensor) -> None:
+    bad = [name for name, t in tensors.items() if t.numel() and t.stride(-1) != 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must have a unit stride on the last axis")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +131,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
     k, v are the packed values (B, Hkv, L, kept), k_bits / v_bits (B, Hkv, L, D / 8). ``config``
     overrides DECODE_CONFIG.
     """
+    _check_unit_last(q=q, k=k, v=v, out=out)
     b, hq, one, d = q.shape
     if one != 1:
         raise ValueError(f"decode attention takes one query token, got q of shape {tuple(q.shape)}")
@@ -178,8 +190,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, interpret: b
     """Attention of one new token over a compacted cache, GQA-aware, split along the cache."""
     if not (q.is_cuda or interpret):
         return decode_attention_reference(q, k, v, scale)
-    out = torch.empty_like(q)
-    _run(lambda: decode_launches(q, k, v, out, scale=scale, interpret=interpret, num_splits=num_splits))
+    out = q.new_empty(q.shape)  # contiguous
+    _run(decode_launches(_unit_last(q), _unit_last(k), _unit_last(v), out, scale=scale, interpret=interpret,
+                         num_splits=num_splits))
     return out
 
 
@@ -213,9 +226,9 @@ def varlen_decode_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, le
                          f"(B * Hkv,) with B = {q.shape[0]}")
     if not (q.is_cuda or interpret):
         return varlen_decode_attention_reference(q, k, v, offsets, lengths, scale)
-    out = torch.empty_like(q)
-    _run(lambda: decode_launches(q, k, v, out, scale=scale, interpret=interpret, num_splits=num_splits,
-                                 offsets=offsets.int(), lengths=lengths.int()))
+    out = q.new_empty(q.shape)  # contiguous
+    _run(decode_launches(_unit_last(q), _unit_last(k), _unit_last(v), out, scale=scale, interpret=interpret,
+                         num_splits=num_splits, offsets=offsets.int(), lengths=lengths.int()))
     return out
 
 
@@ -300,9 +313,9 @@ def bitmap_decode_attention(q: Tensor, k_bits: Tensor, k_values: Tensor, v_bits:
     for name, t in (("k_bits", k_bits), ("k_values", k_values), ("v_bits", v_bits), ("v_values", v_values)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (as bitmap_compress writes it)")
-    out = torch.empty_like(q)
-    _run(lambda: decode_launches(q, k_values, v_values, out, scale=scale, interpret=interpret,
-                                 num_splits=num_splits, k_bits=k_bits, v_bits=v_bits))
+    out = q.new_empty(q.shape)  # contiguous
+    _run(decode_launches(_unit_last(q), k_values, v_values, out, scale=scale, interpret=interpret,
+                         num_splits=num_splits, k_bits=k_bits, v_bits=v_bits))
     return out
 
 
@@ -352,6 +365,7 @@ PREFILL_CONFIG = (128, 128, 8, 2)
 def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: Tensor, lse: Tensor, *,
                    scale: float, causal: bool, interpret: bool,
                    config: tuple[int, int, int, int] = PREFILL_CONFIG) -> Launch:
+    _check_unit_last(q=q, k=k, v=v, out=out)
     b, hq, q_len, d = q.shape
     _check_head_dim(d)
     group = _gqa(q, k.shape[1])
@@ -384,6 +398,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, sca
         _check_index(index, k)
     if not (q.is_cuda or interpret):
         return prefill_attention_reference(q, k, v, index, scale, causal)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     prefill_launch(q, k, v, index, out, lse, scale=scale, causal=causal, interpret=interpret).run()
@@ -411,6 +426,7 @@ KEY_SCORES_CONFIG = (32, 128, 4)
 
 def key_scores_launch(q: Tensor, k: Tensor, lse: Tensor, out: Tensor, *, scale: float, causal: bool, q_start: int,
                       interpret: bool, config: tuple[int, int, int] = KEY_SCORES_CONFIG) -> Launch:
+    _check_unit_last(q=q, k=k)
     b, hkv, kv_len, d = k.shape
     block_m, block_n, warps = (16, 16, 4) if interpret else config
     module = load("key_scores", interpret, HEAD_DIM=d, GROUP=_gqa(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -429,7 +445,7 @@ def attention_key_scores(q: Tensor, k: Tensor, scale: float, causal: bool, q_sta
         raise ValueError(f"q_start must be in [0, {q.shape[2]}), got {q_start}")
     if not (q.is_cuda or interpret):
         return key_scores_reference(q, k, scale, causal, q_start)
-    window = q[:, :, q_start:]  # (B, Hq, w, D)
+    window, k = _unit_last(q[:, :, q_start:]), _unit_last(k)  # (B, Hq, w, D)
     b, hq, w, d = window.shape
     lse = q.new_empty((b, hq, w), dtype=torch.float32)
     out = q.new_empty(k.shape[:3], dtype=torch.float32)
