@@ -241,12 +241,12 @@ def test_prefill_attention(device, dtype, group, q_len, kv_len, causal, gen):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("group, kept, causal", [(1, 13, True), (3, 40, True), (4, 7, False), (2, 1, True)])
 def test_gathered_attention(device, dtype, group, kept, causal, gen):
-    """Attention over the tokens at ``index`` of the full K / V equals attention over the gathered copy."""
+    """Attention over the tokens at ``index`` (any order) of the full K / V equals attention over the gathered copy."""
     b, hkv, q_len, kv_len = 2, 2, 11, 40
     q = randn(b, hkv * group, q_len, D, dtype=dtype, device=device, generator=gen)
     k, v = (randn(b, hkv, kv_len, D, dtype=dtype, device=device, generator=gen) for _ in range(2))
-    index = torch.stack([torch.randperm(kv_len, generator=gen)[:kept].sort().values for _ in range(b * hkv)])
-    index = index.view(b, hkv, kept).to(device)  # (B, Hkv, K), sorted
+    index = torch.stack([torch.randperm(kv_len, generator=gen)[:kept] for _ in range(b * hkv)])
+    index = index.view(b, hkv, kept).to(device)  # (B, Hkv, K), in random order
     out, lse = poisoned(q.shape, dtype, device), poisoned(q.shape[:3], torch.float32, device)
     ops.prefill_launch(q, k, v, index, out, lse, scale=D**-0.5, causal=causal, interpret=interpret(device)).run()
     ref, ref_lse = ops.prefill_attention_reference(q.float(), k.float(), v.float(), index, D**-0.5, causal)
@@ -426,3 +426,23 @@ def test_ops_take_inputs_without_a_unit_last_stride(gen):
     assert_close(out, ops.decode_attention_reference(q, k, k, 0.2))
     with pytest.raises(ValueError, match="k, v must have a unit stride"):
         ops.decode_launches(q, k, k, torch.empty_like(q), scale=0.2, interpret=True)
+
+
+def test_h2o_generate_through_inductor_with_interpreted_kernels():
+    """Decode steps (one query, growing symbolic cache) call the key-score op inside Inductor graphs
+    and generate the same tokens as the torch scoring path."""
+    from compile_sparse import models
+
+    input_ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    sequences = []
+    for kernels in ("auto", "interpret"):
+        torch.compiler.reset()
+        model = models.tiny_llama(head_dim=16)
+        model.forward = torch.compile(model.forward, backend="sparse", options={
+            "kv": {"method": "h2o", "compression_ratio": 0.5, "recent_window": 4}, "kernels": kernels})
+        with torch.no_grad():
+            out = model.generate(input_ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+        assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [12, 12]
+        sequences.append(out.sequences)
+    assert torch.equal(sequences[0], sequences[1])

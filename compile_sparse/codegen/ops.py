@@ -117,8 +117,8 @@ def _num_splits(q: Tensor, units: int, typical: int, block_n: int, requested: in
     return max(1, min(requested, math.ceil(typical / block_n)))
 
 
-# (BLOCK_N, num_warps) of the decode kernel on the GPU, dense / varlen and bitmap (bench/gpu_kernels.py --sweep)
-DECODE_CONFIG = {False: (64, 4), True: (64, 4)}
+# (BLOCK_N, num_warps) of the decode kernel on the GPU (bench/gpu_kernels.py --sweep times the bitmap layout)
+DECODE_CONFIG = (64, 4)
 
 
 def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, interpret: bool,
@@ -146,7 +146,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
         typical = length
         k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
     group = _gqa(q, hkv)
-    block_n, warps = (16, 4) if interpret else config or (DECODE_CONFIG[bitmap])
+    block_n, warps = (16, 4) if interpret else config or DECODE_CONFIG
     splits = _num_splits(q, b * hkv, typical, block_n, num_splits)
     part_out = torch.empty((b, hkv, splits, group, d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((b, hkv, splits, group), device=q.device, dtype=torch.float32)
@@ -164,9 +164,9 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
     return [partial, merge]
 
 
-def _grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-    """fp32 softmax of q (B, Hq, T, D) over k (B, Hkv, L, D), k shared by groups: (B, Hq, T, L).
-    ``mask`` (T, L) or (B, Hkv, T, L) True where visible; rows with no visible key are 0."""
+def _grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """fp32 logits of q (B, Hq, T, D) against k (B, Hkv, L, D), k shared by groups: (B, Hq, T, L).
+    ``mask`` (T, L) or (B, Hkv, T, L) is True where visible; hidden logits are -inf."""
     group = _gqa(q, k.shape[1])
     k = k.float().repeat_interleave(group, dim=1)  # (B, Hq, L, D)
     logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (B, Hq, T, L)
@@ -174,7 +174,12 @@ def _grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = Non
         if mask.dim() == 4:
             mask = mask.repeat_interleave(group, dim=1)  # (B, Hq, T, L)
         logits = logits.masked_fill(~mask, float("-inf"))
-    return logits.softmax(dim=-1).nan_to_num(0.0)
+    return logits
+
+
+def _grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+    """Softmax of ``_grouped_logits``: (B, Hq, T, L); rows with no visible key are 0."""
+    return _grouped_logits(q, k, scale, mask).softmax(dim=-1).nan_to_num(0.0)
 
 
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -348,13 +353,10 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor |
     if index is not None:
         gather = index[..., None].expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, K, D)
         k, v = k.gather(2, gather), v.gather(2, gather)
-    group = _gqa(q, k.shape[1])
-    logits = torch.matmul(q.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~(mask.repeat_interleave(group, dim=1) if mask.dim() == 4 else mask), float("-inf"))
+    logits = _grouped_logits(q, k, scale, mask)  # (B, Hq, Tq, K)
     lse = logits.logsumexp(dim=-1)  # (B, Hq, Tq)
     probs = (logits - lse[..., None]).exp().nan_to_num(0.0)
-    out = torch.matmul(probs, v.float().repeat_interleave(group, dim=1))
+    out = torch.matmul(probs, v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1))
     return out.to(q.dtype), lse
 
 
@@ -366,6 +368,8 @@ def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: T
                    scale: float, causal: bool, interpret: bool,
                    config: tuple[int, int, int, int] = PREFILL_CONFIG) -> Launch:
     _check_unit_last(q=q, k=k, v=v, out=out)
+    if not lse.is_contiguous():
+        raise ValueError("lse must be contiguous (B, Hq, Tq)")
     b, hq, q_len, d = q.shape
     _check_head_dim(d)
     group = _gqa(q, k.shape[1])
@@ -393,7 +397,7 @@ def _check_index(index: Tensor, k: Tensor) -> None:
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, scale: float, causal: bool,
                       interpret: bool = False) -> tuple[Tensor, Tensor]:
     """Attention of q (B, Hq, Tq, D) over k / v (B, Hkv, Tk, D), or over only their tokens at the
-    sorted positions ``index`` (B, Hkv, K) when given. Returns out and the fp32 log-sum-exp."""
+    positions ``index`` (B, Hkv, K) when given (any order). Returns out and the fp32 log-sum-exp."""
     if index is not None:
         _check_index(index, k)
     if not (q.is_cuda or interpret):
@@ -427,6 +431,8 @@ KEY_SCORES_CONFIG = (32, 128, 4)
 def key_scores_launch(q: Tensor, k: Tensor, lse: Tensor, out: Tensor, *, scale: float, causal: bool, q_start: int,
                       interpret: bool, config: tuple[int, int, int] = KEY_SCORES_CONFIG) -> Launch:
     _check_unit_last(q=q, k=k)
+    if not (lse.is_contiguous() and out.is_contiguous()):
+        raise ValueError("lse (B, Hq, Tq) and out (B, Hkv, Tk) must be contiguous")
     b, hkv, kv_len, d = k.shape
     block_m, block_n, warps = (16, 16, 4) if interpret else config
     module = load("key_scores", interpret, HEAD_DIM=d, GROUP=_gqa(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,

@@ -3,7 +3,7 @@
 # One program per (block of BLOCK_M queries, batch x query head); GQA reads the KV head hq // GROUP.
 # Causal masking is aligned bottom-right through positions: query i sits at `past + i`, key j at j
 # (or, when GATHER, at index[b, h, j]: the program attends only to those tokens of the full K / V,
-# without materialising the gather; the index is sorted).
+# without materialising the gather; any order).
 #
 # Specialisations: HEAD_DIM, GROUP, BLOCK_M, BLOCK_N, CAUSAL, GATHER, UPCAST, DOT_PRECISION.
 
