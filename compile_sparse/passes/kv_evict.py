@@ -158,10 +158,16 @@ def column_sums(inputs: ScoreInputs, start: Any) -> torch.Tensor:
     if inputs.query.is_cuda or inputs.kernels == "interpret":
         return ops.attention_key_scores(inputs.query, inputs.keys, inputs.scale, inputs.causal, start,
                                         interpret=inputs.kernels == "interpret")
+    return per_key_totals(inputs, start, lambda probs: probs.sum(dim=(2, 3)))
+
+
+def per_key_totals(inputs: ScoreInputs, start: Any, per_query: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``per_query`` of the attention probabilities of new queries [start, n), chunk by chunk,
+    summed: (B, Hkv, P + n) fp32."""
     b, hkv, length, _ = inputs.keys.shape
     total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
     for first, stop in query_chunks(inputs.query.shape[2] - start):
-        total = total + attention_probs(inputs, start + first, start + stop).sum(dim=(2, 3))
+        total = total + per_query(attention_probs(inputs, start + first, start + stop))
     return total
 
 
@@ -173,12 +179,7 @@ def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Te
     Returns (B, Hkv, P + n, 2): [sum, queries seen by].
     """
     b, hkv, length, _ = inputs.keys.shape
-    if per_query is None:
-        total = column_sums(inputs, 0)
-    else:
-        total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
-        for start, stop in query_chunks(inputs.query.shape[2]):
-            total = total + per_query(attention_probs(inputs, start, stop))
+    total = column_sums(inputs, 0) if per_query is None else per_key_totals(inputs, 0, per_query)
     count = observers(inputs) * inputs.group_size  # (P + n,)
     new = torch.stack([total, count.expand(b, hkv, length)], dim=-1)  # (B, Hkv, P + n, 2)
     if inputs.state is None:
