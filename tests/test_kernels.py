@@ -428,21 +428,24 @@ def test_ops_take_inputs_without_a_unit_last_stride(gen):
         ops.decode_launches(q, k, k, torch.empty_like(q), scale=0.2, interpret=True)
 
 
-def test_h2o_generate_through_inductor_with_interpreted_kernels():
+def test_h2o_generate_through_inductor_with_the_kernels():
     """Decode steps (one query, growing symbolic cache) call the key-score op inside Inductor graphs
-    and generate the same tokens as the torch scoring path."""
+    (on CUDA, or interpreted on CPU) and generate the same tokens as the CPU torch scoring path."""
     from compile_sparse import models
+    from compile_sparse.backend import sparse_backend
 
     input_ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    kv = {"method": "h2o", "compression_ratio": 0.5, "recent_window": 4}
+    runs = [("cpu", "auto"), ("cuda", "auto") if DEVICE == "cuda" else ("cpu", "interpret")]
     sequences = []
-    for kernels in ("auto", "interpret"):
+    for device, kernels in runs:
         torch.compiler.reset()
-        model = models.tiny_llama(head_dim=16)
-        model.forward = torch.compile(model.forward, backend="sparse", options={
-            "kv": {"method": "h2o", "compression_ratio": 0.5, "recent_window": 4}, "kernels": kernels})
+        model = models.tiny_llama(head_dim=16).to(device)
+        backend = functools.partial(sparse_backend, options={"kv": kv, "kernels": kernels})
+        model.forward = torch.compile(model.forward, backend=backend)
         with torch.no_grad():
-            out = model.generate(input_ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-                                 return_dict_in_generate=True)
+            out = model.generate(input_ids.to(device), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                 pad_token_id=0, return_dict_in_generate=True)
         assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [12, 12]
-        sequences.append(out.sequences)
+        sequences.append(out.sequences.cpu())
     assert torch.equal(sequences[0], sequences[1])
