@@ -5,7 +5,7 @@ conftest before triton is imported), on small shapes; on a CUDA machine the same
 compiled kernels on the GPU (one process cannot do both: triton's own library functions are built
 for one mode when triton is imported).
 Inputs are fresh random tensors per check and kernel outputs are poisoned (NaN) before the run.
-A last test compiles every generated kernel to PTX / cubin for sm_90, so a kernel that would not
+One test compiles every generated kernel to PTX / cubin for sm_90, so a kernel that would not
 build on an H100 fails here.
 """
 
