@@ -18,7 +18,7 @@ Shapes: B batch, Hq query heads, Hkv KV heads (GROUP = Hq / Hkv), D head dim, T 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,13 +39,16 @@ class Launch:
     args: tuple
     num_warps: int = 4
     num_stages: int = 2
-    signature: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
         names = self.kernel.arg_names
         if len(names) != len(self.args):
             raise TypeError(f"{self.kernel.__name__} takes {len(names)} arguments, got {len(self.args)}")
-        self.signature = {name: _triton_type(arg) for name, arg in zip(names, self.args)}
+
+    @property
+    def signature(self) -> dict[str, str]:
+        """Triton types of the arguments, for ``triton.compile`` (only the build check needs them)."""
+        return {name: _triton_type(arg) for name, arg in zip(self.kernel.arg_names, self.args)}
 
     def run(self) -> None:
         if 0 in self.grid:
