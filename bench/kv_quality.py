@@ -19,7 +19,6 @@ import time
 import torch
 
 from compile_sparse import eval as ev
-from compile_sparse import models
 
 METHODS = ["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv", "pyramidkv"]
 # Caches differ in length per layer: the continuation goes one token at a time, through the plain
@@ -82,9 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    model, tokenizer = models.load("smollm2")
-    docs = ev.document_ids(tokenizer, models.sotu_documents("test", args.docs))
-    dense = ev.dense_ppl(model, docs)
+    model, _, docs, dense = ev.smollm2_documents(args.docs)
     rows = [{"method": "dense", "ratio": 0.0, "ppl_ratio": 1.0, "ppl": dense}]
     if not args.kvpress_only:
         for ratio in [] if args.no_truncate else args.ratios:

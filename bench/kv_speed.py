@@ -83,8 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = models.load("smollm2")
-    text = "\n".join(t for _, t in models.sotu_documents("test"))
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.context]  # (1, context)
+    ids = models.sotu_ids(tokenizer, args.context)  # (1, context)
     kept = KVConfig(compression_ratio=args.ratio).budget(0, 1, args.context)
     dense = torch.compile(model.forward, backend="inductor")
     rows = {"decode": [], "prefill": []}

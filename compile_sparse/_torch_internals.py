@@ -65,3 +65,18 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+
+
+def compile_per_shape(fn: Callable, backend: Callable, limit: int = 1024) -> Callable:
+    """``torch.compile(fn, backend=..., dynamic=False)`` allowed ``limit`` recompiles, for loops that
+    feed one static shape after another (sentences of different lengths) and must never fall back
+    to the uncompiled function when Dynamo's default limit (8) is reached."""
+    import torch._dynamo.config as dynamo_config
+
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            return compiled(*args, **kwargs)
+
+    return run

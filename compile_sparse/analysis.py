@@ -9,7 +9,7 @@ is only partly understood becomes a ``SkippedRegion`` with the reason, and no pa
 from __future__ import annotations
 
 import logging
-import operator
+import math
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -185,6 +185,7 @@ class AttentionSite:
     seq_axis: int
     mask: fx.Node | None
     query: fx.Node  # q at the attention op, (B, num_heads, q_len, head_dim)
+    key: fx.Node  # k at the attention op: (B, heads, kv_len, head_dim); (B, heads, head_dim, kv_len) in the matmul form
     scale: float  # the softmax scale: SDPA's scale argument, else 1 / sqrt(head_dim)
     k_cache: CacheSlot | None = None
     v_cache: CacheSlot | None = None
@@ -588,7 +589,7 @@ def _attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[
         q=traces["q"].linear, k=traces["k"].linear, v=traces["v"].linear, o=o, qkv_fused=fused,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
         q_len=q_len, kv_len=kv_len, seq_axis=len(k_shape) - 2,
-        mask=mask if isinstance(mask, fx.Node) else None, query=q, scale=scale, k_cache=k_cache, v_cache=v_cache,
+        mask=mask if isinstance(mask, fx.Node) else None, query=q, key=k, scale=scale, k_cache=k_cache, v_cache=v_cache,
     )
 
 
@@ -731,4 +732,218 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphAnalysis:
             result.skipped.append(site)
     log.info("analysis: %d attention sites, %d MLP sites, %d skipped regions",
              len(result.attention), len(result.mlp), len(result.skipped))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Token (sequence) axes
+# ---------------------------------------------------------------------------------------------
+
+_ELEMENTWISE = (_POINTWISE | set(_ACTIVATIONS) | {
+    "cos", "sin", "log", "exp", "ge", "gt", "le", "lt", "eq", "ne", "and_", "or_", "logical_and", "logical_or",
+    "logical_not", "bitwise_not", "invert", "where", "masked_fill", "softmax", "log_softmax", "expand", "expand_as",
+    "type_as", "detach", "int", "long", "bool", "clamp_min", "clamp_max", "minimum", "maximum", "floordiv",
+    "floor_divide", "remainder", "mod", "scaled_dot_product_attention",
+})
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "norm"}
+_CREATION = {"arange", "ones", "zeros", "full", "empty", "new_ones", "new_zeros", "new_full", "new_empty", "tensor"}
+_NO_TENSOR = {"_log_api_usage_once", "size", "dim", "numel"}
+_LIKE = {"ones_like", "zeros_like", "full_like", "empty_like", "rand_like", "randn_like"}
+
+
+@dataclass
+class TokenAxes:
+    """Where the tokens of a ``length``-token input run through a graph.
+
+    ``axes[node]``: the axes of the node's value that index tokens (``()`` for none), or None
+    (untraced) when the node reads tokens through an op whose effect on them is not understood.
+    ``reductions[node]``: the token axis a sum / mean / ... reduces (of its input).
+    ``selections[node]``: (token axis, index) for a getitem that keeps part of a token axis.
+    """
+
+    length: int
+    axes: dict[fx.Node, tuple[int, ...] | None] = field(default_factory=dict)
+    reductions: dict[fx.Node, int] = field(default_factory=dict)
+    selections: dict[fx.Node, tuple[int, Any]] = field(default_factory=dict)
+
+
+def _full_slice(index: slice, size: int) -> bool:
+    return index.start in (None, 0) and (index.stop is None or index.stop >= size) and index.step in (None, 1)
+
+
+def _reshape_axis(in_shape: tuple, out_shape: tuple, axis: int) -> int | None:
+    """The output axis a reshape carries input axis ``axis`` to: same size, same number of elements
+    before and after it. None when the axis is merged or split."""
+    before, after = math.prod(in_shape[:axis]), math.prod(in_shape[axis + 1:])
+    for out_axis, size in enumerate(out_shape):
+        if size == in_shape[axis] and math.prod(out_shape[:out_axis]) == before \
+                and math.prod(out_shape[out_axis + 1:]) == after:
+            return out_axis
+    return None
+
+
+def _getitem_axes(node: fx.Node, axes: tuple[int, ...], shape: tuple, length: int,
+                  result: TokenAxes) -> tuple[int, ...] | None:
+    """Token axes after ``x[index]``; records a selection when the index keeps part of a token axis.
+    A slice of a non-token axis down to ``length`` from its start makes a token axis (a buffer of
+    positions or a mask sliced to the sequence: ``bias[:, :, :T, :T]``)."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(isinstance(i, fx.Node) for i in index):
+        if not all(isinstance(i, fx.Node) for i in index) or len(index) != len(shape):
+            return None if axes else ()
+        out_rank = len(_shape(node) or ())
+        found = set()  # advanced indexing over every axis: the result is the indices' broadcast shape
+        for i in index:
+            sub = result.axes.get(i, ())
+            if sub is None:
+                return None
+            found.update(a + out_rank - len(_shape(i) or ()) for a in sub)
+        return tuple(sorted(found))
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in index:
+        expanded.extend([slice(None)] * (len(shape) - consumed) if i is Ellipsis else [i])
+    expanded += [slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None))
+    out: list[int] = []
+    in_axis = out_axis = 0
+    for i in expanded:
+        if i is None:
+            out_axis += 1
+            continue
+        if isinstance(i, int):
+            if in_axis in axes:
+                result.selections[node] = (in_axis, i)
+            in_axis += 1
+            continue
+        if not isinstance(i, slice):
+            return None
+        if in_axis in axes:
+            if _full_slice(i, shape[in_axis]):
+                out.append(out_axis)
+            else:
+                result.selections[node] = (in_axis, i)
+        elif i.start in (None, 0) and shape[in_axis] != length and (_shape(node) or ())[out_axis] == length:
+            out.append(out_axis)
+        in_axis += 1
+        out_axis += 1
+    return tuple(out)
+
+
+def _node_token_axes(node: fx.Node, result: TokenAxes) -> tuple[int, ...] | None:
+    """The token axes of one node's value from its inputs' (see TokenAxes)."""
+    length, name = result.length, _name(node)
+    shape = _shape(node)
+    inputs = [n for n in node.all_input_nodes if isinstance(example_value(n), (torch.Tensor, tuple, list))]
+    known = {n: result.axes.get(n, ()) for n in inputs}
+    if any(a is None for a in known.values()):
+        return None
+    if node.op == "placeholder":
+        return () if is_parameter(node) or shape is None else tuple(i for i, s in enumerate(shape) if s == length)
+    if node.op != "call_function" and node.op != "call_method" or name in _NO_TENSOR:
+        return ()
+    if name in _LIKE:
+        return known.get(node.args[0], ())
+    if name in _CREATION:
+        return tuple(i for i, s in enumerate(shape or ()) if s == length and length > 1)
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    src_axes = known.get(source, ()) if source is not None else ()
+    src_shape = _shape(source) if source is not None else None
+    if name == "getitem" and isinstance(example_value(source), (tuple, list)):
+        return src_axes
+    if not any(known.values()):
+        if name == "getitem" and src_shape is not None:
+            return _getitem_axes(node, (), src_shape, length, result)
+        if name == "cat" and shape is not None:  # tokens joined into a sequence: [CLS] + patches
+            dim = _arg(node, 1, "dim", 0) % len(shape)
+            return (dim,) if shape[dim] == length else ()
+        return ()
+    if shape is None and name not in ("split", "chunk", "split_with_sizes", "unbind"):
+        return None
+    if name == "getitem":
+        return _getitem_axes(node, src_axes, src_shape, length, result)
+    if name in _RESHAPES:
+        mapped = [_reshape_axis(src_shape, shape, a) for a in src_axes]
+        return None if None in mapped else tuple(mapped)
+    if name in _ELEMENTWISE or name in ("layer_norm", "rms_norm", "group_norm"):
+        if name in ("layer_norm", "rms_norm"):
+            normalized = len(node.args[1]) if isinstance(node.args[1], (list, tuple)) else 1
+            if any(a >= len(src_shape) - normalized for a in src_axes):
+                return None
+        out = set()
+        for n, axes in known.items():
+            n_shape = _shape(n) or ()
+            for a in axes:
+                b = a + len(shape) - len(n_shape)
+                if shape[b] == n_shape[a]:
+                    out.add(b)
+        return tuple(sorted(out))
+    if name in ("transpose", "swapaxes"):
+        d0, d1 = (d % len(shape) for d in node.args[1:3])
+        swap = {d0: d1, d1: d0}
+        return tuple(sorted(swap.get(a, a) for a in src_axes))
+    if name == "permute":
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        order = [d % len(shape) for d in dims]
+        return tuple(sorted(order.index(a) for a in src_axes))
+    if name == "embedding":  # (..., T) ids -> (..., T, D)
+        return src_axes
+    if name == "linear":
+        return None if len(src_shape) - 1 in src_axes else src_axes
+    if name == "addmm":
+        return known.get(node.args[1], ()) if len(src_shape or ()) != 2 or not known.get(node.args[0]) else None
+    if name in _MATMUL:
+        a, b = node.args[0], node.args[1]
+        a_shape, b_shape = _shape(a) or (), _shape(b) or ()
+        if len(a_shape) < 2 or len(b_shape) < 2:
+            return None
+        out = set()
+        for ax in known.get(a, ()):
+            if ax != len(a_shape) - 1:  # the contracted axis (p @ v sums over keys) leaves no token axis
+                out.add(len(shape) - 2 if ax == len(a_shape) - 2 else ax + len(shape) - len(a_shape))
+        for ax in known.get(b, ()):
+            if ax != len(b_shape) - 2:
+                out.add(len(shape) - 1 if ax == len(b_shape) - 1 else ax + len(shape) - len(b_shape))
+        return tuple(sorted(out))
+    if name == "cat":
+        dim = _arg(node, 1, "dim", 0) % len(shape)
+        out = set()
+        for n, axes in known.items():
+            if len(_shape(n) or ()) == len(shape):
+                out.update(a for a in axes if a != dim or shape[dim] == length)
+        return tuple(sorted(out))
+    if name == "gather":
+        dim = _arg(node, 1, "dim") % len(shape)
+        if any(a != dim for a in src_axes):
+            return None
+        return known.get(_arg(node, 2, "index"), ())
+    if name in _REDUCTIONS:
+        dims = _arg(node, 1, "dim", None)
+        dims = range(len(src_shape)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+        dims = {d % len(src_shape) for d in dims}
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        reduced = [a for a in src_axes if a in dims]
+        if reduced:
+            result.reductions[node] = reduced[0]
+        return tuple(a if keepdim else a - sum(1 for d in dims if d < a) for a in src_axes if a not in dims)
+    if name in ("split", "chunk", "split_with_sizes"):
+        dim = _arg(node, 2 if name != "chunk" else 2, "dim", 0) % len(src_shape)
+        return None if dim in src_axes else src_axes
+    return None
+
+
+def token_axes(gm: fx.GraphModule, length: int) -> TokenAxes:
+    """Trace the token axis of a ``length``-token input through ``gm`` (see TokenAxes).
+
+    Tokens start at inputs with an axis of that length (``input_ids``, an attention mask), at
+    ``arange(length)`` and tensors created with that length, at buffers sliced to it, and at a
+    concatenation that builds a sequence of that length ([CLS] + patch tokens). They are followed
+    through elementwise ops, reshapes that keep the axis whole, transposes, projections,
+    embeddings, matmuls and attention, concatenation and indexing; any other op that reads them
+    leaves its value untraced (None), and a pass must refuse to rewrite through it."""
+    result = TokenAxes(length)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        result.axes[node] = _node_token_axes(node, result)
     return result

@@ -1,6 +1,6 @@
 """Quality protocols from EVAL.md.
 
-ctx-continuation (KV eviction): per document, prefill tokens [0, 1024) with the method on, then
+ctx-continuation (KV eviction, token dropping): per document, prefill tokens [0, 1024) with the method on, then
 score the continuation [1024, 1152) over the compressed cache with the true positions
 1024..1151. The metric is the perplexity of the 128 continuation tokens (the first predicted by
 the last context position); a run reports it per document and the geometric mean of
@@ -79,10 +79,11 @@ def continuation_nll(prefill: Callable, forward: Callable, ids: torch.Tensor, *,
 
 
 def model_prefill(model: Callable) -> Callable:
-    """prefill for continuation_nll through ``model`` (a model or its compiled forward)."""
+    """prefill for continuation_nll through ``model`` (a model or its compiled forward); only the last
+    position's logits are computed (``logits_to_keep=1``), which token dropping needs."""
 
     def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     return prefill
@@ -130,6 +131,16 @@ def dense_ppl(model: Callable, docs: dict[str, torch.Tensor], context: int = CON
     return result.ppl
 
 
+def smollm2_documents(count: int = 8) -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, float]]:
+    """SmolLM2, its tokenizer, the ctx-continuation documents (the ``count`` most recent speeches) and
+    the dense perplexity per document: what every ctx-continuation run starts from."""
+    from . import models
+
+    model, tokenizer = models.load("smollm2")
+    docs = document_ids(tokenizer, models.sotu_documents("test", count))
+    return model, tokenizer, docs, dense_ppl(model, docs)
+
+
 def compiled_forward(model: torch.nn.Module, options: dict) -> Callable:
     """``model.forward`` compiled with the sparse backend and ``options``."""
     return torch.compile(model.forward, backend="sparse", options=options)
@@ -162,3 +173,80 @@ def window_ppl(name: str, forward: Callable, docs: dict[str, torch.Tensor],
 def logits_forward(model: Callable) -> Callable:
     """``ids -> logits`` through ``model`` (a model or its compiled forward) without a cache."""
     return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLM embeddings (encoder token dropping / pruning)
+# ---------------------------------------------------------------------------------------------
+
+MAX_SENTENCE_TOKENS = 128
+
+
+def sentences(text: str, tokenizer: Any, min_tokens: int = 8) -> list[torch.Tensor]:
+    """The sentences of ``text`` as token ids (1, T), T in [min_tokens, MAX_SENTENCE_TOKENS]
+    ([CLS] and [SEP] included; longer sentences are cut)."""
+    import re
+
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        ids = tokenizer(sentence, return_tensors="pt", truncation=True, max_length=MAX_SENTENCE_TOKENS).input_ids
+        if ids.shape[1] >= min_tokens:
+            out.append(ids)
+    return out
+
+
+def mean_pooled(model: Callable) -> Callable:
+    """``ids (1, T) -> embedding (1, D)``: sentence-transformers' mean pooling over the attention
+    mask, then L2 normalization, as all-MiniLM-L6-v2 is used. The pooling is part of the function,
+    so a compiled version pools (size-weighted) over whatever tokens the passes leave."""
+
+    def embed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (1, T, D)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (1, T, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (1, D)
+        return F.normalize(pooled, dim=-1)
+
+    return embed
+
+
+def truncated_sentences(embed: Callable, fraction: float) -> Callable:
+    """The naive baseline of the MiniLM protocol: ``embed`` over the first round(T * fraction) - 1
+    tokens of each sentence and its final [SEP]."""
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        keep = max(2, round(input_ids.shape[1] * fraction))
+        ids = torch.cat([input_ids[:, :keep - 1], input_ids[:, -1:]], dim=1)  # (1, keep)
+        return embed(ids, torch.ones_like(ids))
+
+    return run
+
+
+@dataclass
+class EmbeddingResult:
+    """Cosine similarity of one setting's sentence embeddings to dense ones."""
+
+    name: str
+    cosines: list[float] = field(default_factory=list)
+    token_fraction: float = 1.0  # tokens the layers process, relative to dense (mean over layers)
+
+    @property
+    def mean_cosine(self) -> float:
+        return sum(self.cosines) / len(self.cosines)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mean_cosine": self.mean_cosine, "min_cosine": min(self.cosines),
+                "sentences": len(self.cosines), "token_fraction": self.token_fraction}
+
+
+def minilm_cosine(name: str, embed: Callable, dense_embeddings: list[torch.Tensor], ids: list[torch.Tensor],
+                  token_fraction: float = 1.0) -> EmbeddingResult:
+    """The MiniLM protocol for one setting: ``embed(input_ids, attention_mask) -> (1, D)`` on every
+    sentence, against the dense embeddings of the same sentences."""
+    result = EmbeddingResult(name, token_fraction=token_fraction)
+    with torch.no_grad():
+        for i, (sentence, dense) in enumerate(zip(ids, dense_embeddings)):
+            embedding = embed(sentence, torch.ones_like(sentence))
+            result.cosines.append(F.cosine_similarity(embedding, dense, dim=-1).item())
+            print(f"\r  {name}: sentence {i + 1}/{len(ids)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return result

@@ -312,3 +312,10 @@ def sotu_documents(split: str = "test", count: int = 8) -> list[tuple[str, str]]
     files = sorted(folder.glob("*.txt"))  # YEAR_name_party.txt: sorted by year
     chosen = files[-count:] if split == "test" else files[-2 * count:-count]
     return [(f.stem, f.read_text(encoding="utf-8")) for f in chosen]
+
+
+def sotu_ids(tokenizer: Any, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of the test speeches joined (1, length): a long real prompt for
+    speed benchmarks."""
+    text = "\n".join(t for _, t in sotu_documents("test"))
+    return tokenizer(text, return_tensors="pt").input_ids[:, :length]  # (1, length)

@@ -37,7 +37,7 @@ def test_unknown_key_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("family, available", [
-    ("kv", "h2o, hitkv, knorm, pyramidkv, snapkv, streaming_llm, tova"), ("tokens", "none yet"),
+    ("kv", "h2o, hitkv, knorm, pyramidkv, snapkv, streaming_llm, tova"), ("tokens", "evit, lazyllm, tome"),
     ("prune", "d2prune, flap, magnitude, nm, plan, taylor, wanda")])
 def test_unknown_method_says_what_is_available(family, available):
     with pytest.raises(ValueError, match=f"unknown {family} method 'x'; available {family} methods: {available}$"):

@@ -87,5 +87,5 @@ def method_for_config(config: object) -> Method:
 
 
 # The methods register themselves on import (after the registry above exists).
-from . import (d2prune, flap, h2o, hitkv, knorm, magnitude, nm_sparsity, pyramidkv, saved_plan,  # noqa: E402,F401
-               snapkv, streaming_llm, taylor, tova, wanda)
+from . import (d2prune, evit, flap, h2o, hitkv, knorm, lazyllm, magnitude, nm_sparsity, pyramidkv,  # noqa: E402,F401
+               saved_plan, snapkv, streaming_llm, taylor, tome, tova, wanda)

@@ -1,0 +1,53 @@
+"""EViT-style token reorganization (Liang et al., ICLR 2022, arXiv:2202.07800) for encoders: at
+each cut the tokens the [CLS] token attends to most in the layer before (averaged over heads) go
+on; the others are fused into one token, their average weighted by that attention (``fuse``), or
+dropped. The [CLS] token (the first) is always kept, first. The fused token stands for the tokens
+it replaces, so mean pooling inside the graph still averages over every input token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .token_reduce import CutInputs, TokenScheduleConfig, attention_rows, token_method
+
+
+@dataclass
+class EViTConfig(TokenScheduleConfig):
+    """``fuse``: fold the inattentive tokens into one token (EViT) instead of dropping them."""
+
+    layers: tuple[int, ...] = (1,)
+    keep_ratios: tuple[float, ...] = (0.7,)
+    fuse: bool = True
+
+    MERGES = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"fuse must be True or False, got {self.fuse!r}")
+
+
+@token_method("evit", EViTConfig, causal=False)
+def evit_select(inputs: CutInputs, config: EViTConfig, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = inputs.key.shape[2]
+    attention = attention_rows(inputs, 0, 1).mean(dim=(0, 1))[0]  # (S,): [CLS] attention to every token
+    fused = config.fuse and 1 < kept < length
+    top = kept - 1 if fused else kept
+    ranked = attention.clone()
+    ranked[0] = float("inf")  # [CLS] first
+    order = ranked.argsort(descending=True)  # (S,)
+    index = order[:top].sort().values  # (top,), in sequence order: [CLS] first
+    merge = torch.zeros(kept, length, device=attention.device)  # (K, S)
+    merge[torch.arange(top), index] = 1.0
+    sizes = inputs.sizes[index]
+    if fused:
+        rest = order[top:]  # (S - top,)
+        weights = attention[rest] * inputs.sizes[rest]  # (S - top,)
+        total = weights.sum()
+        weights = torch.where(total > 0, weights / total.clamp_min(1e-30), 1.0 / rest.numel())  # uniform if unseen
+        merge[top, rest] = weights
+        index = torch.cat([index, rest[:1]])  # the fused token's masks and positions: its most attended member
+        sizes = torch.cat([sizes, inputs.sizes[rest].sum()[None]])
+    return index, merge, sizes
