@@ -17,58 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 
 from compile_sparse import models
 from compile_sparse.passes.kv_evict import KVConfig
-
-
-
-def median_ms(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def map_cache(cache, fn):
-    """A new plain DynamicCache whose layers hold ``fn(keys)`` and ``fn(values)`` of ``cache``'s."""
-    from transformers import DynamicCache
-
-    copy = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        copy.update(fn(layer.keys), fn(layer.values), i)
-    return copy
-
-
-def repeat_cache(cache, batch: int):
-    """``cache`` repeated ``batch`` times along the batch axis: (batch, Hkv, L, D) per layer."""
-    return map_cache(cache, lambda t: t.repeat(batch, 1, 1, 1))
-
-
-def slice_cache(cache, start: int):
-    """A plain cache holding tokens [start:] of ``cache`` (the ideal: a dense cache of that length)."""
-    return map_cache(cache, lambda t: t[:, :, start:].clone())
-
-
-def decode_step_ms(forward, cache, batch: int, position: int, runs: int) -> float:
-    """Median time of one decode step (one new token per sequence at ``position``) over ``cache``."""
-    token = torch.zeros((batch, 1), dtype=torch.long)
-    position = torch.full((batch, 1), position)
-
-    def step():
-        forward(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
-
-    return median_ms(step, runs)
-
+from compile_sparse.timing import decode_step_ms, repeat_cache, slice_cache
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

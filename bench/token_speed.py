@@ -16,11 +16,11 @@ import shlex
 import sys
 
 import torch
-from kv_speed import median_ms
 from token_quality import parse_schedule
 
 from compile_sparse import models
 from compile_sparse.passes.token_reduce import per_layer
+from compile_sparse.timing import median_ms
 
 
 def flop_bound(model, length: int, layers: list[int], keeps: list[float]) -> float:

@@ -69,7 +69,11 @@ def _shape(node: Any) -> tuple | None:
 
 
 def _static(size: Any) -> int | str:
-    """An int for a concrete size, the symbolic expression as a string otherwise."""
+    """An int for a concrete size, the symbolic expression as a string otherwise. A SymInt is
+    never turned into an int: that would add a guard on its value and recompile for every length."""
+    if isinstance(size, torch.SymInt):
+        constant = size.node.maybe_as_int()
+        return constant if constant is not None else str(size)
     try:
         return int(size)
     except (TypeError, ValueError):

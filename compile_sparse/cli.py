@@ -1,18 +1,31 @@
-"""``compile-sparse``: the command line.
+"""``compile-sparse``: the command line. Options are the torch.compile options dict, as JSON.
 
     compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N]
+    compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm} [--options JSON ...]
+                       [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png]
+    compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import logging
 import sys
 from pathlib import Path
 
+import torch
+
+from . import eval as ev
 from . import models
 from .explain import explain
+from .options import parse_options
+from .passes.token_reduce import per_layer
+from .timing import decode_step_ms, median_ms, slice_cache
+
+PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -27,6 +40,197 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> list[dict]:
+    """The options dicts to evaluate: each ``--options``, and ``--method`` at each of ``--ratios``
+    (a KV method's compression_ratio)."""
+    settings = [json.loads(o) if isinstance(o, str) else o for o in args.options or []]
+    if args.method:
+        settings += [{"kv": {"method": args.method, "compression_ratio": r}} for r in args.ratios or [0.75]]
+    if not settings:
+        raise ValueError("nothing to evaluate: give --options JSON (repeatable) or --method NAME [--ratios R ...]")
+    for options in settings:
+        parse_options(options)  # a bad option fails here, before minutes of evaluation
+    return settings
+
+
+def _label(options: dict) -> str:
+    """A short name for a setting: its recipe and family methods with their parameters."""
+    parts = [f"recipe {options['recipe']}"] if options.get("recipe") else []
+    for family in ("prune", "tokens", "kv"):
+        value = options.get(family)
+        if isinstance(value, dict):
+            params = ", ".join(f"{k}={v}" for k, v in value.items() if k not in ("method", "calibration"))
+            parts.append(f"{value.get('method', family)}({params})" if params else str(value.get("method", family)))
+        elif value is not None:
+            parts.append(str(value))
+    return " + ".join(parts) or "default recipe"
+
+
+def _series(options: dict) -> str:
+    """The line a setting belongs to on the plot: its methods without their parameters."""
+    parts = [options["recipe"]] if options.get("recipe") else []
+    parts += [str(v.get("method") if isinstance(v, dict) else v) for f in ("prune", "tokens", "kv")
+              if (v := options.get(f)) is not None]
+    return " + ".join(parts) or "default recipe"
+
+
+def _ctx_continuation(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
+    docs = ev.document_ids(tokenizer, models.sotu_documents("test", args.docs))
+    dense = ev.dense_ppl(model, docs)
+    rows, points, truncated = [], [], {}
+    for options in settings:
+        options = ev.with_calibration(options, tokenizer)
+        torch.compiler.reset()
+        compiled = ev.compiled_forward(model, {"lowering": "eager", **options})
+        result = ev.ctx_continuation(_label(options), ev.model_prefill(compiled), ev.model_forward(compiled), docs, dense)
+        saved = 1 - sum(result.cache_tokens) / (len(result.cache_tokens) * ev.CONTEXT)
+        ratio = round(saved, 4)
+        if ratio > 0 and ratio not in truncated:
+            truncated[ratio] = ev.ctx_continuation(f"truncate {ratio}", ev.truncate_prefill(model, ratio),
+                                                   ev.model_forward(model), docs, dense)
+            points.append({"series": "truncate", "x": ratio, "y": truncated[ratio].ppl_ratio})
+        points.append({"series": _series(options), "x": saved, "y": result.ppl_ratio})
+        rows.append({"options": _jsonable(options), "setting": _label(options), "kv_saved": saved,
+                     "ppl": math.exp(sum(math.log(p) for p in result.ppl.values()) / len(result.ppl)),
+                     "ppl_dense": math.exp(sum(math.log(p) for p in dense.values()) / len(dense)),
+                     "ppl_ratio": result.ppl_ratio, "truncate_ppl_ratio": truncated[ratio].ppl_ratio if ratio > 0 else None,
+                     "cache_tokens": result.cache_tokens,
+                     "documents": {d: {"ppl": result.ppl[d], "ppl_dense": dense[d]} for d in docs}})
+    return rows, points
+
+
+def _window_ppl(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
+    docs = ev.document_windows(tokenizer, models.sotu_documents("test", args.docs))
+    dense = ev.window_ppl("dense", ev.logits_forward(model), docs)
+    total = sum(p.numel() for p in model.parameters())
+    rows, points = [], []
+    for options in settings:
+        options = ev.with_calibration(options, tokenizer, length=ev.WINDOW)
+        window = next(iter(docs.values()))[:1]  # (1, W): the compiled shape
+        report = explain(model, input_ids=window, use_cache=False, options=options)
+        removed = sum(p["params"]["before"] - p["params"]["after"] for p in report.passes if p["params"])
+        torch.compiler.reset()
+        compiled = ev.compiled_forward(model, {"lowering": "eager", **options})
+        result = ev.window_ppl(_label(options), ev.logits_forward(compiled), docs, dense.ppl)
+        points.append({"series": _series(options), "x": removed / total, "y": result.ppl_ratio})
+        rows.append({"options": _jsonable(options), "setting": _label(options), "params_removed": removed / total,
+                     "ppl": result.to_dict()["geomean_ppl"], "ppl_dense": dense.to_dict()["geomean_ppl"],
+                     "ppl_ratio": result.ppl_ratio,
+                     "documents": {d: {"ppl": result.ppl[d], "ppl_dense": dense.ppl[d]} for d in docs}})
+    return rows, points
+
+
+def _minilm(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
+    from ._torch_internals import compile_per_shape
+    from .backend import sparse_backend
+
+    speech, text = models.sotu_documents("test", 1)[0]
+    sentences = ev.sentences(text, tokenizer)[:args.sentences]
+    embed = ev.mean_pooled(model)
+    with torch.no_grad():
+        dense = [embed(s, torch.ones_like(s)) for s in sentences]
+    layers = model.config.num_hidden_layers
+    rows, points, truncated = [], [], {}
+    for options in settings:
+        tokens = parse_options(options).methods.get("tokens")
+        fraction = sum(per_layer(tokens.layers, list(tokens.keep_ratios), 1.0, layers)) / layers if tokens else 1.0
+        torch.compiler.reset()
+        compiled = compile_per_shape(embed, functools.partial(sparse_backend, options={"lowering": "eager", **options}))
+        result = ev.minilm_cosine(_label(options), compiled, dense, sentences, fraction)
+        key = round(fraction, 4)
+        if key < 1 and key not in truncated:
+            truncated[key] = ev.minilm_cosine(f"truncate {key}", ev.truncated_sentences(embed, fraction), dense,
+                                              sentences, fraction)
+            points.append({"series": "truncate", "x": 1 - fraction, "y": truncated[key].mean_cosine})
+        points.append({"series": _series(options), "x": 1 - fraction, "y": result.mean_cosine})
+        rows.append({"options": _jsonable(options), "setting": _label(options), "speech": speech,
+                     "tokens_removed": 1 - fraction, **result.to_dict(),
+                     "truncate_mean_cosine": truncated[key].mean_cosine if key < 1 else None})
+    return rows, points
+
+
+def _jsonable(options: dict) -> dict:
+    return json.loads(json.dumps(options, default=lambda v: f"<{type(v).__name__}>"))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    model, tokenizer = models.load(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: the protocols score real text")
+    run = {"ctx-continuation": _ctx_continuation, "window-ppl": _window_ppl, "minilm": _minilm}[args.protocol]
+    with torch.no_grad():
+        rows, points = run(args, model, tokenizer, settings)
+    minilm = args.protocol == "minilm"
+    x_name = {"ctx-continuation": "KV saved", "window-ppl": "params removed", "minilm": "tokens removed"}[args.protocol]
+    metric = "mean cosine" if minilm else "ppl ratio"
+    print(f"\n{args.model}, {args.protocol}")
+    print(f"{'setting':<60} {x_name:>14} {metric:>11} {'truncate':>9}")
+    for row, point in zip(rows, [p for p in points if p["series"] != "truncate"]):
+        value = row["mean_cosine"] if minilm else row["ppl_ratio"]
+        base = row.get("truncate_mean_cosine" if minilm else "truncate_ppl_ratio")
+        print(f"{row['setting'][:60]:<60} {point['x']:>13.1%} {value:>11.4f} {'—' if base is None else f'{base:.4f}':>9}")
+    if args.json:
+        data = {"model": args.model, "protocol": args.protocol, **rows[0], "settings": rows}
+        Path(args.json).write_text(json.dumps(data, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import quality_plot
+
+        quality_plot(points, args.plot, title=f"{args.model}: {args.protocol}", x_label=f"{x_name} (fraction)",
+                     y_label=metric, higher_is_better=minilm)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    model, tokenizer = models.load(args.model)
+    options = json.loads(args.options) if args.options else {}
+    parse_options(options)
+    torch.set_num_threads(args.threads)
+    if tokenizer is None:  # a random test model: random token ids (only the time matters)
+        ids = models.sample_inputs(args.model, model, seq_len=args.context, batch=args.batch)["input_ids"]
+    else:
+        options = ev.with_calibration(options, tokenizer, length=args.context)
+        ids = models.sotu_ids(tokenizer, args.context).repeat(args.batch, 1)  # (B, context)
+    if ids.shape[1] < args.context:
+        raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than --context {args.context}")
+    print(f"{args.model}: {args.batch} x {args.context} tokens, {torch.get_num_threads()} thread(s), Inductor on "
+          f"both sides, median of {args.runs} runs", flush=True)
+    result: dict = {"model": args.model, "options": _jsonable(options), "context": args.context, "batch": args.batch}
+    timings = {}
+    with torch.no_grad():
+        for side, backend, kwargs in (("dense", "inductor", {}), ("sparse", "sparse", {"options": options})):
+            torch.compiler.reset()
+            forward = torch.compile(model.forward, backend=backend, **kwargs)
+            prefill_ms = median_ms(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), args.runs)
+            cache = forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            kv_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+            kept = max(layer.keys.shape[2] for layer in cache.layers)
+            decode_ms = decode_step_ms(forward, cache, args.batch, args.context, args.runs)
+            timings[side] = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "kv_bytes": kv_bytes, "kept": kept,
+                             "cache": cache}
+            print(f"  {side}: prefill {prefill_ms:.0f} ms, decode step {decode_ms:.1f} ms, "
+                  f"KV cache {kv_bytes / 1e6:.1f} MB", flush=True)
+        # the ideal: the dense model's decode step over a plain cache as long as the compressed one
+        dense_cache = timings["dense"]["cache"]
+        ideal = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - timings["sparse"]["kept"])
+        torch.compiler.reset()
+        ideal_ms = decode_step_ms(torch.compile(model.forward, backend="inductor"), ideal, args.batch, args.context,
+                                  args.runs)
+    dense, sparse = timings["dense"], timings["sparse"]
+    result.update(kv_bytes_dense=dense["kv_bytes"], kv_bytes_sparse=sparse["kv_bytes"],
+                  prefill={"dense_ms": dense["prefill_ms"], "sparse_ms": sparse["prefill_ms"],
+                           "speedup": dense["prefill_ms"] / sparse["prefill_ms"]},
+                  decode={"dense_ms": dense["decode_ms"], "sparse_ms": sparse["decode_ms"], "ideal_ms": ideal_ms,
+                          "speedup": dense["decode_ms"] / sparse["decode_ms"]})
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compile-sparse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
@@ -37,6 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--seq-len", type=int, default=32, help="tokens in the sample input (default 32)")
     inspect.set_defaults(run=_inspect)
+    evaluate = sub.add_parser("eval", help="quality of one or more settings against dense and truncation (EVAL.md protocols)")
+    evaluate.add_argument("model", help="a zoo model with a tokenizer: smollm2 (ctx-continuation, window-ppl), minilm")
+    evaluate.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    evaluate.add_argument("--options", action="append", help="a setting: the torch.compile options dict as JSON (repeatable)")
+    evaluate.add_argument("--method", default=None, help="shorthand: this KV method at each of --ratios")
+    evaluate.add_argument("--ratios", nargs="*", type=float, default=None, help="compression ratios for --method (default 0.75)")
+    evaluate.add_argument("--docs", type=int, default=8, help="test documents (EVAL.md: 8)")
+    evaluate.add_argument("--sentences", type=int, default=None, help="minilm: only the first N sentences")
+    evaluate.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    evaluate.add_argument("--plot", default=None, metavar="FILE.png", help="draw quality against compression")
+    evaluate.set_defaults(run=_eval)
+    bench = sub.add_parser("bench", help="prefill and decode time, and KV bytes, against dense (Inductor on both sides)")
+    bench.add_argument("model", help="a zoo decoder: smollm2 (real text), or a random one (tiny-llama: random ids)")
+    bench.add_argument("--context", type=int, default=4096, help="prompt tokens (EVAL.md: 4096)")
+    bench.add_argument("--options", default=None, help="the torch.compile options dict, as JSON (default: the default recipe)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--runs", type=int, default=3, help="timed runs after two warm-ups")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (EVAL.md: 1 on 2-core machines)")
+    bench.add_argument("--json", default=None, metavar="FILE")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.model not in models.ZOO:

@@ -63,10 +63,12 @@ def continuation_nll(prefill: Callable, forward: Callable, ids: torch.Tensor, *,
                      one_token_at_a_time: bool = False) -> tuple[float, list[int]]:
     """Mean NLL of ids[:, context:] after ``prefill(ids[:, :context]) -> (last logits (1, V), cache)``;
     ``forward(input_ids, cache, position_ids) -> logits`` scores the continuation over that cache,
-    in one forward or (for caches whose layers differ in length) one token at a time.
+    in one forward or one token at a time (asked, or when the cache's layers differ in length:
+    a forward over several new tokens builds one mask for every layer).
     Returns the NLL and the cache length per layer after the prefill."""
     last_logits, cache = prefill(ids[:, :context])
     cache_tokens = [layer.keys.shape[-2] for layer in cache.layers]
+    one_token_at_a_time = one_token_at_a_time or len(set(cache_tokens)) > 1
     continuation = ids[:, context:]  # (1, C)
     positions = torch.arange(context, ids.shape[1])[None]  # (1, C): true positions
     if one_token_at_a_time:
@@ -139,6 +141,36 @@ def smollm2_documents(count: int = 8) -> tuple[Any, Any, dict[str, torch.Tensor]
     model, tokenizer = models.load("smollm2")
     docs = document_ids(tokenizer, models.sotu_documents("test", count))
     return model, tokenizer, docs, dense_ppl(model, docs)
+
+
+def calibration_batches(tokenizer: Any, length: int = CONTEXT, count: int = 8) -> list[torch.Tensor]:
+    """Calibration data per EVAL.md (the ``count`` speeches before the test ones, never the test
+    documents): the first ``length`` tokens of each, as a list of (1, length) batches, shaped like
+    the prefill they calibrate."""
+    from . import models
+
+    return list(document_ids(tokenizer, models.sotu_documents("calibration", count), length=length).values())
+
+
+def with_calibration(options: dict, tokenizer: Any, length: int = CONTEXT) -> dict:
+    """``options`` (a recipe included) with calibration batches added where the pruning criterion
+    reads activations or gradients and none were given (the CLI and the benches do this; in code,
+    pass your own)."""
+    from .options import RECIPES, merge_option
+    from .passes import METHODS
+
+    preset = RECIPES.get(options.get("recipe") or "", {}).get("prune")
+    given = options.get("prune")
+    given = {"method": given} if isinstance(given, str) else given
+    prune = merge_option(preset, given) if given is not None else preset
+    if not isinstance(prune, dict) or "calibration" in prune or prune.get("method") not in METHODS["prune"]:
+        return options
+    config = METHODS["prune"][prune["method"]].config
+    params = {k: v for k, v in prune.items() if k != "method"}
+    probe = config(**params, calibration=[torch.zeros(1, 1, dtype=torch.long)])  # validates; says if data is read
+    if not probe.needs_calibration():
+        return options
+    return {**options, "prune": {**prune, "calibration": calibration_batches(tokenizer, length)}}
 
 
 def compiled_forward(model: torch.nn.Module, options: dict) -> Callable:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .options import parse_options
+from .options import DEFAULT_RECIPE, parse_options
 
 
 @dataclass
@@ -120,6 +120,9 @@ class Report:
         t = self.totals()
         out = [f"compile_sparse report: {t['graphs']} graph(s), {t['attention_sites']} attention sites, "
                f"{t['mlp_sites']} MLP sites, {t['skipped']} skipped"]
+        if self.options.get("recipe"):
+            out.append(f"options: recipe {self.options['recipe']}"
+                       + (" (the default, as no method was chosen)" if self.options["recipe"] == DEFAULT_RECIPE else ""))
         for i, g in enumerate(self.graphs):
             out.append(f"-- graph {i}")
             table = format_analysis(g.analysis)

@@ -1,5 +1,5 @@
-"""Compile the real SmolLM2-135M-Instruct with backend="sparse" and KV-cache eviction: what was
-found and changed, quality (ctx-continuation on a State of the Union speech, beside dense and
+"""Compile the real SmolLM2-135M-Instruct with backend="sparse" and no options (the default recipe,
+H2O KV-cache eviction keeping 25% of the prompt's cache): what was found and changed, quality (ctx-continuation on a State of the Union speech, beside dense and
 truncation) and speed (one decode step over the compressed cache, beside dense), all on CPU.
 
     python examples/demo_smollm2.py [--options JSON] [--context 1024]
@@ -17,7 +17,7 @@ import compile_sparse
 from compile_sparse import eval as ev
 from compile_sparse import models
 
-DEFAULT_OPTIONS = {"kv": {"method": "h2o", "compression_ratio": 0.75}}
+DEFAULT_OPTIONS: dict = {}  # no options: the default recipe (compile_sparse.options.DEFAULT_RECIPE)
 
 
 def decode_ms(forward, cache, position: int, runs: int = 5) -> float:
@@ -37,13 +37,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens (then 128 scored continuation tokens)")
     args = parser.parse_args()
     options = json.loads(args.options)
-    ratio = options.get("kv", {}).get("compression_ratio", 0.0) if isinstance(options.get("kv"), dict) else 0.0
+    kv = compile_sparse.parse_options(options).methods.get("kv")
+    ratio = kv.compression_ratio if kv is not None else 0.0
     torch.set_num_threads(1)  # stable timings on small machines
 
     model, tokenizer = models.load("smollm2")
     name, text = models.sotu_documents("test")[-1]
     ids = ev.document_ids(tokenizer, [(name, text)], length=args.context + ev.CONTINUATION)[name]  # (1, C + 128)
-    print(f"model: SmolLM2-135M-Instruct, text: {name}, {args.context} prompt tokens, options: {json.dumps(options)}\n")
+    print(f"model: SmolLM2-135M-Instruct, text: {name}, {args.context} prompt tokens, options: "
+          f"{json.dumps(options) if options else 'none (the default recipe, ' + compile_sparse.options.DEFAULT_RECIPE + ')'}\n")
 
     prompt = ids[:, :args.context]
     report = compile_sparse.explain(model, input_ids=prompt, use_cache=True, options=options)

@@ -58,7 +58,7 @@ def test_llama_decode_graph_with_dynamic_cache():
     with torch.no_grad():
         model(ids, past_key_values=cache)
     report = compile_sparse.explain(model, input_ids=ids[:, -1:], past_key_values=cache,
-                                    position_ids=torch.full((2, 1), 9))
+                                    position_ids=torch.full((2, 1), 9), options={"recipe": "dense"})
     assert len(report.attention_sites) == 2
     for s in report.attention_sites:
         assert (s["q_len"], s["kv_len"], s["causal"]) == (1, 10, True)

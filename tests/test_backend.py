@@ -39,15 +39,17 @@ def test_forward_equals_eager_without_graph_break(name):
 @pytest.mark.parametrize("name", LMS)
 def test_generate_prefill_and_8_decode_steps_equal_eager(name):
     model, _ = models.load(name)
-    compiled_generate_matches(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
+    compiled_generate_matches(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)),
+                              options={"recipe": "dense"})
 
 
 def test_generate_with_static_cache_equals_eager():
-    compiled_generate_matches(models.tiny_llama(), torch.randint(0, 128, (1, 10)), cache_implementation="static")
+    compiled_generate_matches(models.tiny_llama(), torch.randint(0, 128, (1, 10)), options={"recipe": "dense"},
+                              cache_implementation="static")
 
 
 def test_eager_lowering_equals_eager():
-    compiled_generate_matches(models.tiny_llama(), torch.randint(0, 128, (1, 10)), options={"lowering": "eager"})
+    compiled_generate_matches(models.tiny_llama(), torch.randint(0, 128, (1, 10)), options={"recipe": "dense", "lowering": "eager"})
 
 
 def test_backend_is_found_in_a_fresh_process_without_importing_the_package():
@@ -61,7 +63,7 @@ ids = torch.randint(0, 64, (1, 6))
 with torch.no_grad():
     ref = model(ids).logits
     assert "compile_sparse" not in sys.modules
-    out = torch.compile(model, backend="sparse", options={"lowering": "eager"})(ids).logits
+    out = torch.compile(model, backend="sparse", options={"recipe": "dense", "lowering": "eager"})(ids).logits
 assert "compile_sparse.backend" in sys.modules
 torch.testing.assert_close(out, ref, atol=0, rtol=0)
 print("OK")
@@ -93,7 +95,7 @@ def test_mode_is_passed_to_inductor_and_checked():
 def test_debug_dir_dumps_every_step(tmp_path):
     model = models.tiny_llama(layers=1)
     with torch.no_grad():
-        torch.compile(model, backend="sparse", options={"debug_dir": str(tmp_path), "lowering": "eager"})(
+        torch.compile(model, backend="sparse", options={"recipe": "dense", "debug_dir": str(tmp_path), "lowering": "eager"})(
             torch.randint(0, 128, (1, 6)))
     graph_dir = tmp_path / "graph_000"
     names = sorted(p.name for p in graph_dir.iterdir())
@@ -179,3 +181,38 @@ def test_a_failing_pass_is_named_with_the_passes_before_it(toy_passes):
 def test_config_validation_shows_the_bad_value(toy_passes):
     with pytest.raises(ValueError, match="factor must be > 0, got -2"):
         compile_sparse.parse_options({"tokens": {"method": "scale_output", "factor": -2}})
+
+
+def test_decode_over_a_growing_cache_compiles_twice_not_per_length():
+    """The analysis reads symbolic sizes without guarding on them, so a growing cache recompiles
+    once (to dynamic shapes), as Dynamo's own backends do, not once per length."""
+    model = models.tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (1, 20))
+    backends = []
+
+    def counting(gm, example_inputs):
+        backends.append(gm)
+        return compile_sparse.sparse_backend(gm, example_inputs, options={"recipe": "dense", "lowering": "eager"})
+
+    forward = torch.compile(model.forward, backend=counting)
+    with torch.no_grad():
+        cache = forward(input_ids=ids, use_cache=True).past_key_values
+        for step in range(10):
+            forward(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.tensor([[20 + step]]), use_cache=True)
+    assert len(backends) == 3  # the prefill, the first decode step, then one graph with a symbolic length
+
+
+def test_no_options_evicts_the_kv_cache_with_the_default_recipe():
+    """backend="sparse" with no options (or options that choose no method) applies the default
+    recipe: H2O keeping 25% of the prompt's cache (docs/results.md, "Recipes")."""
+    model = models.tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (1, 40))
+    for options in (None, {"lowering": "eager"}):
+        torch.compiler.reset()
+        kwargs = {} if options is None else {"options": options}
+        with torch.no_grad():
+            cache = torch.compile(model, backend="sparse", **kwargs)(ids, use_cache=True).past_key_values
+        assert [layer.keys.shape[2] for layer in cache.layers] == [10, 10]
+    report = compile_sparse.explain(model, ids, use_cache=True)
+    assert report.options["recipe"] == "kv-balanced" and report.passes[0]["method"] == "h2o"
+    assert "recipe kv-balanced" in str(report)

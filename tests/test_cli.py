@@ -1,6 +1,8 @@
-"""compile-sparse inspect on the tiny zoo models."""
+"""compile-sparse inspect, eval and bench."""
 
 import json
+
+import pytest
 
 from compile_sparse.cli import main
 
@@ -15,7 +17,7 @@ def test_inspect_prints_the_table_and_writes_json(tmp_path, capsys):
     assert data["model"] == "tiny-gpt2-eager"
     assert len(data["attention_sites"]) == 2 and len(data["mlp_sites"]) == 2
     assert data["totals"]["kv_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
-    assert data["options"]["recipe"] == "dense"
+    assert data["options"]["recipe"] == "kv-balanced"  # no options: the default recipe
 
 
 def test_inspect_bad_options_exit_2_with_the_valid_keys(capsys):
@@ -40,3 +42,48 @@ def test_inspect_with_kv_eviction_shows_what_the_cache_keeps(capsys):
     assert "pass kv:snapkv: prefill eviction: 2" in out
     assert out.count("prefill eviction: cache 32 -> 8 tokens") == 2
     assert "KV cache handed back: 16.0 KiB -> 4.0 KiB (75% saved)" in out
+
+
+def test_bench_times_dense_and_sparse_and_writes_the_json_fields(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    options = '{"kv": {"method": "streaming_llm", "compression_ratio": 0.5, "decode": true}}'
+    assert main(["bench", "tiny-llama", "--context", "64", "--runs", "1", "--options", options, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["model"], data["context"], data["batch"]) == ("tiny-llama", 64, 1)
+    assert data["kv_bytes_sparse"] * 2 == data["kv_bytes_dense"]  # 32 of 64 tokens per layer
+    for phase, keys in (("prefill", {"dense_ms", "sparse_ms", "speedup"}),
+                        ("decode", {"dense_ms", "sparse_ms", "ideal_ms", "speedup"})):
+        assert set(data[phase]) == keys and all(v > 0 for v in data[phase].values())
+    assert "decode step" in capsys.readouterr().out
+
+
+def test_eval_minilm_prints_a_table_writes_json_and_plots(tmp_path, capsys):
+    out, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    settings = ['{"tokens": {"method": "tome", "layers": [4, 5], "keep_ratios": [0.85, 0.7]}}',
+                '{"tokens": {"method": "evit", "layers": [5], "keep_ratios": [0.7]}}']
+    argv = ["eval", "minilm", "--protocol", "minilm", "--sentences", "3", "--json", str(out), "--plot", str(plot)]
+    assert main(argv + [x for s in settings for x in ("--options", s)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "minilm" and len(data["settings"]) == 2
+    assert all(0 < s["mean_cosine"] < 1 and s["sentences"] == 3 for s in data["settings"])
+    assert data["settings"][0]["tokens_removed"] == pytest.approx(1 - (4 + 0.85 + 0.7) / 6)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "tome(layers=[4, 5], keep_ratios=[0.85, 0.7])" in printed and "mean cosine" in printed
+
+
+@pytest.mark.slow
+def test_eval_ctx_continuation_on_smollm2_beside_truncate(tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "smollm2", "--protocol", "ctx-continuation", "--docs", "1", "--method", "h2o", "--ratios", "0.5",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("model", "protocol", "options", "ppl", "ppl_dense", "ppl_ratio", "documents"):
+        assert key in data
+    assert data["kv_saved"] == pytest.approx(0.5) and data["cache_tokens"] == [512] * 30
+    assert 1 < data["ppl_ratio"] < data["truncate_ppl_ratio"]
+
+
+def test_eval_without_a_setting_is_an_error(capsys):
+    assert main(["eval", "smollm2", "--protocol", "window-ppl"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

@@ -71,7 +71,8 @@ def test_smollm2_decode_graph_sites():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=cache)
-    report = compile_sparse.explain(model, input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[ids.shape[1]]]))
+    report = compile_sparse.explain(model, input_ids=ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[ids.shape[1]]]),
+                                    options={"recipe": "dense"})
     assert report.totals()["attention_sites"] == 30 and report.totals()["mlp_sites"] == 30
     for s in report.attention_sites:
         assert (s["q_len"], s["kv_len"], s["num_kv_heads"], s["causal"]) == (1, ids.shape[1] + 1, 3, True)
@@ -83,7 +84,7 @@ def test_smollm2_generate_equals_eager():
     """Prefill and 8 decode steps through the backend (no method: nothing rewritten), atol 1e-5."""
     model, tok = models.load("smollm2")
     ids = tok("The state of the union is", return_tensors="pt").input_ids
-    compiled_generate_matches(model, ids, options={"lowering": "eager"})
+    compiled_generate_matches(model, ids, options={"recipe": "dense", "lowering": "eager"})
 
 
 @pytest.mark.slow

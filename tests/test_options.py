@@ -4,8 +4,15 @@ from dataclasses import dataclass
 
 import pytest
 
+import torch
+
 from compile_sparse import RECIPES, parse_options
+from compile_sparse.passes.h2o import H2OConfig
+from compile_sparse.passes.snapkv import SnapKVConfig
 from compile_sparse.passes import PassResult, register, unregister
+
+
+ONES = torch.ones(1, 8, dtype=torch.long)
 
 
 @dataclass
@@ -25,9 +32,21 @@ def keep_method():
 
 
 def test_no_options_is_the_default_recipe():
-    for empty in (None, {}):
+    for empty in (None, {}, {"lowering": "inductor"}):
         parsed = parse_options(empty)
-        assert parsed.recipe == "dense" and parsed.methods == {} and parsed.lowering == "inductor"
+        assert parsed.recipe == "kv-balanced" and parsed.lowering == "inductor"
+        assert parsed.methods["kv"] == H2OConfig(compression_ratio=0.75)
+    assert parse_options({"recipe": "dense"}).methods == {}
+    assert parse_options({"kv": "snapkv"}).recipe is None
+
+
+def test_recipe_parameters_merge_with_explicit_ones():
+    parsed = parse_options({"recipe": "composed", "kv": {"compression_ratio": 0.6}, "prune": {"calibration": [ONES]}})
+    assert parsed.methods["kv"] == H2OConfig(compression_ratio=0.6)
+    assert parsed.methods["prune"].mlp_ratio == 0.2 and parsed.methods["tokens"].keep_ratios == (0.5,)
+    assert isinstance(parse_options({"recipe": "kv-balanced", "kv": "snapkv"}).methods["kv"], SnapKVConfig)
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        parse_options({"recipe": "prune-mlp20"})
 
 
 def test_unknown_key_lists_the_valid_ones():
@@ -71,7 +90,7 @@ def test_bad_values_are_shown(keep_method):
         parse_options({"kv": {"method": "keep", "budget": 0}})
     with pytest.raises(ValueError, match="unknown lowering 'tvm'; valid: inductor, eager"):
         parse_options({"lowering": "tvm"})
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: dense"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: composed, dense, kv-balanced, kv-near-lossless, prune-mlp20"):
         parse_options({"recipe": "fast"})
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_options("{kv: }")

@@ -1,0 +1,90 @@
+"""The named recipes (compile_sparse.options.RECIPES) on SmolLM2: quality (ctx-continuation), memory
+(KV cache after the prefill) and speed (1024-token prefill and one decode step after it), each
+against dense, in one process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/recipes.py --json docs/data/recipes.json
+
+Quality runs with lowering "eager" (the same rewritten graph); a recipe with token dropping leaves
+caches whose layers differ in length, so its continuation goes one token at a time. Recipes that
+prune with a data-reading criterion get the calibration speeches (EVAL.md), 8 x 1024 tokens. Speed
+compiles both sides with Inductor: the prefill with ``logits_to_keep=1``, then one decode step at
+position 1024 over the cache that prefill left (dense: 1024 tokens per layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+import torch
+
+from compile_sparse import eval as ev
+from compile_sparse.timing import decode_step_ms, median_ms
+from compile_sparse.options import RECIPES
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def timings(forward, ids: torch.Tensor, runs: int) -> dict:
+    """Median prefill ms and decode-step ms of ``forward``, and the cache the prefill leaves."""
+    prefill_ms = median_ms(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), runs)
+    cache = forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    kv_bytes, cache_tokens = cache_bytes(cache), [layer.keys.shape[2] for layer in cache.layers]
+    decode_ms = decode_step_ms(forward, cache, 1, ids.shape[1], runs)  # the cache grows 7 tokens over the runs
+    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "kv_bytes": kv_bytes,
+            "cache_tokens": cache_tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="*", default=[r for r in RECIPES if r != "dense"])
+    parser.add_argument("--docs", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    model, tokenizer, docs, dense_ppl = ev.smollm2_documents(args.docs)
+    ids = next(iter(docs.values()))[:, :ev.CONTEXT]  # (1, 1024): the speed prompt
+    rows = []
+    dense = None
+    if not args.no_speed:
+        with torch.no_grad():
+            dense = timings(torch.compile(model.forward, backend="inductor"), ids, args.runs)
+        print(f"dense: prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms", flush=True)
+    for recipe in args.recipes:
+        options = ev.with_calibration({"recipe": recipe}, tokenizer)
+        uneven = "tokens" in RECIPES[recipe]
+        row = {"recipe": recipe, "options": RECIPES[recipe]}
+        if not args.no_quality:
+            torch.compiler.reset()
+            compiled = ev.compiled_forward(model, {**options, "lowering": "eager"})
+            result = ev.ctx_continuation(recipe, ev.model_prefill(compiled), ev.model_forward(compiled), docs, dense_ppl,
+                                         one_token_at_a_time=uneven)
+            row.update(ppl_ratio=result.ppl_ratio, ppl=result.ppl)
+            print(f"{recipe:>18}: ppl ratio {result.ppl_ratio:.4f}", flush=True)
+        if not args.no_speed:
+            torch.compiler.reset()
+            with torch.no_grad():
+                sparse = timings(torch.compile(model.forward, backend="sparse", options=options), ids, args.runs)
+            row.update(dense=dense, sparse=sparse, prefill_speedup=dense["prefill_ms"] / sparse["prefill_ms"],
+                       decode_speedup=dense["decode_ms"] / sparse["decode_ms"],
+                       kv_saving=1 - sparse["kv_bytes"] / dense["kv_bytes"])
+            print(f"{recipe:>18}: prefill {row['prefill_speedup']:.2f}x, decode {row['decode_speedup']:.2f}x, "
+                  f"KV {row['kv_saving']:.0%} saved", flush=True)
+        rows.append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": "smollm2", "rows": rows, "command": shlex.join(sys.argv),
+                           "seconds": round(time.perf_counter() - start)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
