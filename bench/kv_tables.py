@@ -1,6 +1,8 @@
-"""Markdown tables for docs/results.md from the JSON that bench/kv_quality.py and bench/kv_speed.py write.
+"""Markdown tables for docs/results.md from the JSON that bench/kv_quality.py and bench/kv_speed.py write,
+and with ``--plot FILE.png`` the quality rows drawn against the compression ratio, one line per method.
 
     .venv/bin/python bench/kv_tables.py docs/data/kv_quality.json docs/data/kvpress_quality.json docs/data/kv_speed.json
+    .venv/bin/python bench/kv_tables.py docs/data/kv_quality.json --plot docs/kv_quality.png
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ def speed_tables(data: dict) -> str:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    plot = args[args.index("--plot") + 1] if "--plot" in args else None
+    paths = [a for a in args if a not in ("--plot", plot)]
     rows: list[dict] = []
-    for path in sys.argv[1:]:
+    for path in paths:
         data = json.load(open(path))
         if "rows" in data:
             rows += [r for r in data["rows"] if r["method"] != "dense" or not any(x["method"] == "dense" for x in rows)]
@@ -68,6 +73,14 @@ def main() -> None:
         if any(r["method"] == "truncate" for r in rows):
             print()
             print(per_document_table(rows, 0.75))
+    if plot:
+        from compile_sparse.plot import quality_plot
+
+        points = [{"series": label(r), "x": r["ratio"], "y": r["ppl_ratio"]} for r in rows
+                  if r["method"] != "dense" and not r["method"].startswith("kvpress")]
+        quality_plot(points, plot, title="SmolLM2-135M, ctx-continuation: KV-cache eviction",
+                     x_label="compression ratio (fraction of the prompt's KV cache evicted)", y_label="ppl / dense ppl")
+        print(f"wrote {plot}")
 
 
 if __name__ == "__main__":

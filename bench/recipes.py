@@ -3,6 +3,7 @@
 against dense, in one process.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/recipes.py --json docs/data/recipes.json
+    .venv/bin/python bench/recipes.py --tables docs/data/recipes_*.json     # the table for docs/results.md
 
 Quality runs with lowering "eager" (the same rewritten graph); a recipe with token dropping leaves
 caches whose layers differ in length, so its continuation goes one token at a time. Recipes that
@@ -40,7 +41,28 @@ def timings(forward, ids: torch.Tensor, runs: int) -> dict:
             "cache_tokens": cache_tokens}
 
 
+def table(paths: list[str]) -> str:
+    """One row per recipe from any mix of quality and speed runs."""
+    rows: dict[str, dict] = {}
+    for path in paths:
+        for row in json.load(open(path))["rows"]:
+            rows.setdefault(row["recipe"], {}).update(row)
+    lines = ["| recipe | ctx-continuation ppl ratio | KV saved | KV cache (MB, 1024 tokens) | prefill speedup | "
+             "decode step speedup |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        speed = "sparse" in row
+        lines.append(f"| {name} | {row['ppl_ratio']:.4f} | " + (
+            f"{row['kv_saving']:.0%} | {row['dense']['kv_bytes'] / 1e6:.1f} -> {row['sparse']['kv_bytes'] / 1e6:.1f} | "
+            f"{row['prefill_speedup']:.2f}x ({row['dense']['prefill_ms']:.0f} -> {row['sparse']['prefill_ms']:.0f} ms) | "
+            f"{row['decode_speedup']:.2f}x ({row['dense']['decode_ms']:.1f} -> {row['sparse']['decode_ms']:.1f} ms) |"
+            if speed else "— | — | — | — |"))
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--tables"]:
+        print(table(sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="*", default=[r for r in RECIPES if r != "dense"])
     parser.add_argument("--docs", type=int, default=8)

@@ -51,11 +51,16 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("example_value") for n in placeholders]
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
     mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
-    if mode is None:
-        raise RuntimeError("the graph's placeholders carry no fake example values to propagate shapes from")
+    if mode is None:  # a torch.fx trace (compile_sparse.transform): meta example values, static shapes
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise RuntimeError("the graph's placeholders carry no example values to propagate shapes from")
+        mode = FakeTensorMode()
+        values = [mode.from_tensor(torch.empty(v.shape, dtype=v.dtype)) for v in values]
     allowed = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # the real buffers the pass registered (get_attr) join as constants
     try:
@@ -80,3 +85,11 @@ def compile_per_shape(fn: Callable, backend: Callable, limit: int = 1024) -> Cal
             return compiled(*args, **kwargs)
 
     return run
+
+
+def size_hint(size: Any) -> int:
+    """A concrete value for a size: the int itself, or for a SymInt the value Dynamo traced it with
+    (reading it adds no guard)."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint)
+    return int(size)

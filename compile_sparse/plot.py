@@ -22,8 +22,7 @@ def quality_plot(points: list[dict], path: str | Path, *, title: str, x_label: s
         chosen = sorted((p["x"], p["y"]) for p in points if p["series"] == name)
         xs, ys = [0.0] + [x for x, _ in chosen], [1.0] + [y for _, y in chosen]
         dashed = name == "truncate"
-        ax.plot(xs, ys, "--" if dashed else "-", marker="o", color="grey" if dashed else None, label=name)
-        ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot(xs, ys, "--" if dashed else "-", marker="o", color="black" if dashed else None, label=name)
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label + (" (higher is better)" if higher_is_better else " (lower is better)"))

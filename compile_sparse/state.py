@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from ._torch_internals import size_hint
 from .analysis import example_value
 
 
@@ -67,7 +68,8 @@ def extend_example_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> 
     for slot in state_slots(gm):
         if slot.input is not None:
             value = example_value(slot.input)
-            inputs.append(torch.zeros(value.shape, dtype=value.dtype, device=value.device))
+            shape = [size_hint(s) for s in value.shape]  # a symbolic cache length: the traced one
+            inputs.append(torch.zeros(shape, dtype=value.dtype, device=value.device))
     return inputs
 
 

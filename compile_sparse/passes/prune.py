@@ -18,6 +18,7 @@ columns, its q rows), a KV group the sum of its query heads.
 
 from __future__ import annotations
 
+import operator
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def prune_method(name: str, config: type) -> Callable[[Scorer], Scorer]:
 def _value(gm: fx.GraphModule, node: fx.Node, inputs: Sequence[Any]) -> torch.Tensor:
     """The real tensor of a weight node: a placeholder's example input or a get_attr buffer."""
     if node.op == "get_attr":
-        return getattr(gm, node.target)
+        return operator.attrgetter(node.target)(gm)  # a dotted path in a torch.fx trace: "mlp.down.weight"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return inputs[placeholders.index(node)]
 

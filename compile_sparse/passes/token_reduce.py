@@ -238,15 +238,17 @@ def _plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: TokenScheduleConf
     if config.layers[-1] >= len(sites):
         raise ValueError(f"layers {list(config.layers)} reach past the model's {len(sites)} layers")
     first = sites[0]
-    length, batch = first.q_len, _shape(first.query)[0]
-    if not isinstance(length, int) or not isinstance(batch, int):
-        raise Refused(f"symbolic sequence length or batch ({length}, {batch}): the kept counts must be static")
-    if batch != 1:
-        raise Refused(f"batch of {batch} sequences: each would keep different tokens; run one sequence at a time")
+    batch = _shape(first.query)[0]
     for site in sites.values():
-        if site.q_len != length or site.kv_len != length:
+        if site.q_len != first.q_len or site.kv_len != first.q_len:
             raise Refused(f"layer {site.layer} attends {site.q_len} queries to {site.kv_len} keys: token dropping "
                           "applies to a whole prompt with no past cache (a prefill), not to a decode step")
+    if not isinstance(batch, int) or batch != 1:
+        raise Refused(f"batch of {batch} sequences: each would keep different tokens; run one sequence at a time")
+    # The kept counts are static: a prefill graph traced with a symbolic length is specialized to
+    # this length here (Dynamo adds the guard; another prompt length compiles again).
+    length = int(_shape(first.query)[2])
+    for site in sites.values():
         if site.causal is not causal:
             kind = "causal (decoder)" if causal else "bidirectional (encoder)"
             raise Refused(f"layer {site.layer} attention is not {kind}; this method is for {kind} models")
