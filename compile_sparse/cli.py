@@ -77,6 +77,7 @@ def _series(options: dict) -> str:
 def _ctx_continuation(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
     docs = ev.document_ids(tokenizer, models.sotu_documents("test", args.docs))
     dense = ev.dense_ppl(model, docs)
+    dense_geomean = math.exp(sum(math.log(p) for p in dense.values()) / len(dense))
     rows, points, truncated = [], [], {}
     for options in settings:
         options = ev.with_calibration(options, tokenizer)
@@ -91,8 +92,7 @@ def _ctx_continuation(args, model, tokenizer, settings) -> tuple[list[dict], lis
             points.append({"series": "truncate", "x": ratio, "y": truncated[ratio].ppl_ratio})
         points.append({"series": _series(options), "x": saved, "y": result.ppl_ratio})
         rows.append({"options": _jsonable(options), "setting": _label(options), "kv_saved": saved,
-                     "ppl": math.exp(sum(math.log(p) for p in result.ppl.values()) / len(result.ppl)),
-                     "ppl_dense": math.exp(sum(math.log(p) for p in dense.values()) / len(dense)),
+                     "ppl": result.to_dict()["geomean_ppl"], "ppl_dense": dense_geomean,
                      "ppl_ratio": result.ppl_ratio, "truncate_ppl_ratio": truncated[ratio].ppl_ratio if ratio > 0 else None,
                      "cache_tokens": result.cache_tokens,
                      "documents": {d: {"ppl": result.ppl[d], "ppl_dense": dense[d]} for d in docs}})
