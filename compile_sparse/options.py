@@ -3,7 +3,8 @@
 Keys: one per family (``"prune"``, ``"tokens"``, ``"kv"``), each a method name, a dict
 ``{"method": name, **params}`` or a config object; ``"recipe"`` (a named preset whose keys the
 explicit ones override; a parameter dict without "method" adds to the preset's parameters, e.g.
-``{"recipe": "prune-mlp20", "prune": {"calibration": batches}}``); ``"lowering"`` (``"inductor"`` or ``"eager"``); ``"kernels"`` (``"auto"``:
+``{"recipe": "prune-mlp20", "prune": {"calibration": batches}}``; options that name no method and
+no recipe get the default recipe); ``"lowering"`` (``"inductor"`` or ``"eager"``); ``"kernels"`` (``"auto"``:
 the Triton kernels on CUDA tensors and torch code on CPU; ``"interpret"``: the Triton kernels on CPU
 too, under Triton's interpreter, for debugging; set TRITON_INTERPRET=1 before triton is imported);
 ``"debug_dir"``.
