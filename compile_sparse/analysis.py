@@ -894,8 +894,9 @@ def _node_token_axes(node: fx.Node, result: TokenAxes) -> tuple[int, ...] | None
         return src_axes
     if name == "linear":
         return None if len(src_shape) - 1 in src_axes else src_axes
-    if name == "addmm":
-        return known.get(node.args[1], ()) if len(src_shape or ()) != 2 or not known.get(node.args[0]) else None
+    if name == "addmm":  # addmm(bias, x (N, in), W): tokens along x's rows go through, along its features do not
+        rows = known.get(node.args[1], ())
+        return None if known.get(node.args[0]) or 1 in rows else rows
     if name in _MATMUL:
         a, b = node.args[0], node.args[1]
         a_shape, b_shape = _shape(a) or (), _shape(b) or ()
@@ -931,7 +932,7 @@ def _node_token_axes(node: fx.Node, result: TokenAxes) -> tuple[int, ...] | None
             result.reductions[node] = reduced[0]
         return tuple(a if keepdim else a - sum(1 for d in dims if d < a) for a in src_axes if a not in dims)
     if name in ("split", "chunk", "split_with_sizes"):
-        dim = _arg(node, 2 if name != "chunk" else 2, "dim", 0) % len(src_shape)
+        dim = _arg(node, 2, "dim", 0) % len(src_shape)
         return None if dim in src_axes else src_axes
     return None
 

@@ -398,3 +398,16 @@ def test_minilm_tome_on_sotu_sentences():
         assert max(tome.cosines) < 1  # tokens really were merged
     assert results[1][0].mean_cosine >= 0.975
     assert results[2][0].mean_cosine > results[2][1].mean_cosine
+
+
+def test_lazyllm_on_gpt2_conv1d_and_learned_positions():
+    """GPT-2: Conv1D projections (addmm on 2-D rows) and learned position embeddings."""
+    model = models.tiny_gpt2(layers=3)
+    dense, new, inputs, result = transformed(model, lazy([1], [1.0]), input_ids=ids(length=30), use_cache=True,
+                                             logits_to_keep=1)
+    with torch.no_grad():
+        for a, b in zip(new(*inputs), dense(*inputs)):
+            assert torch.equal(a, b)
+    _, new, inputs, result = transformed(model, lazy([1], [0.5]), input_ids=ids(length=30), use_cache=True,
+                                         logits_to_keep=1)
+    assert result["sites"]["tokens per layer"] == "30 15 15"
