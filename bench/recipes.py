@@ -23,22 +23,8 @@ import time
 import torch
 
 from compile_sparse import eval as ev
-from compile_sparse.timing import decode_step_ms, median_ms
+from compile_sparse.timing import prefill_and_decode
 from compile_sparse.options import RECIPES
-
-
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
-def timings(forward, ids: torch.Tensor, runs: int) -> dict:
-    """Median prefill ms and decode-step ms of ``forward``, and the cache the prefill leaves."""
-    prefill_ms = median_ms(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), runs)
-    cache = forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-    kv_bytes, cache_tokens = cache_bytes(cache), [layer.keys.shape[2] for layer in cache.layers]
-    decode_ms = decode_step_ms(forward, cache, 1, ids.shape[1], runs)  # the cache grows 7 tokens over the runs
-    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "kv_bytes": kv_bytes,
-            "cache_tokens": cache_tokens}
 
 
 def table(paths: list[str]) -> str:
@@ -79,7 +65,8 @@ def main() -> None:
     dense = None
     if not args.no_speed:
         with torch.no_grad():
-            dense = timings(torch.compile(model.forward, backend="inductor"), ids, args.runs)
+            dense = prefill_and_decode(torch.compile(model.forward, backend="inductor"), ids, args.runs)
+            dense.pop("cache")
         print(f"dense: prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms", flush=True)
     for recipe in args.recipes:
         options = ev.with_calibration({"recipe": recipe}, tokenizer)
@@ -95,7 +82,9 @@ def main() -> None:
         if not args.no_speed:
             torch.compiler.reset()
             with torch.no_grad():
-                sparse = timings(torch.compile(model.forward, backend="sparse", options=options), ids, args.runs)
+                sparse = prefill_and_decode(torch.compile(model.forward, backend="sparse", options=options), ids,
+                                            args.runs)
+                sparse.pop("cache")
             row.update(dense=dense, sparse=sparse, prefill_speedup=dense["prefill_ms"] / sparse["prefill_ms"],
                        decode_speedup=dense["decode_ms"] / sparse["decode_ms"],
                        kv_saving=1 - sparse["kv_bytes"] / dense["kv_bytes"])

@@ -23,7 +23,7 @@ from . import models
 from .explain import explain
 from .options import parse_options
 from .passes.token_reduce import per_layer
-from .timing import decode_step_ms, median_ms, slice_cache
+from .timing import decode_step_ms, prefill_and_decode, slice_cache
 
 PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
 
@@ -202,19 +202,12 @@ def _bench(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for side, backend, kwargs in (("dense", "inductor", {}), ("sparse", "sparse", {"options": options})):
             torch.compiler.reset()
-            forward = torch.compile(model.forward, backend=backend, **kwargs)
-            prefill_ms = median_ms(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), args.runs)
-            cache = forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-            kv_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
-            kept = max(layer.keys.shape[2] for layer in cache.layers)
-            decode_ms = decode_step_ms(forward, cache, args.batch, args.context, args.runs)
-            timings[side] = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "kv_bytes": kv_bytes, "kept": kept,
-                             "cache": cache}
-            print(f"  {side}: prefill {prefill_ms:.0f} ms, decode step {decode_ms:.1f} ms, "
-                  f"KV cache {kv_bytes / 1e6:.1f} MB", flush=True)
+            timings[side] = prefill_and_decode(torch.compile(model.forward, backend=backend, **kwargs), ids, args.runs)
+            print(f"  {side}: prefill {timings[side]['prefill_ms']:.0f} ms, decode step {timings[side]['decode_ms']:.1f} ms, "
+                  f"KV cache {timings[side]['kv_bytes'] / 1e6:.1f} MB", flush=True)
         # the ideal: the dense model's decode step over a plain cache as long as the compressed one
         dense_cache = timings["dense"]["cache"]
-        ideal = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - timings["sparse"]["kept"])
+        ideal = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - max(timings["sparse"]["cache_tokens"]))
         torch.compiler.reset()
         ideal_ms = decode_step_ms(torch.compile(model.forward, backend="inductor"), ideal, args.batch, args.context,
                                   args.runs)

@@ -156,13 +156,11 @@ def with_calibration(options: dict, tokenizer: Any, length: int = CONTEXT) -> di
     """``options`` (a recipe included) with calibration batches added where the pruning criterion
     reads activations or gradients and none were given (the CLI and the benches do this; in code,
     pass your own)."""
-    from .options import RECIPES, merge_option
+    from .options import apply_recipe
     from .passes import METHODS
 
-    preset = RECIPES.get(options.get("recipe") or "", {}).get("prune")
-    given = options.get("prune")
-    given = {"method": given} if isinstance(given, str) else given
-    prune = merge_option(preset, given) if given is not None else preset
+    prune = apply_recipe(options)[1].get("prune")
+    prune = {"method": prune} if isinstance(prune, str) else prune
     if not isinstance(prune, dict) or "calibration" in prune or prune.get("method") not in METHODS["prune"]:
         return options
     config = METHODS["prune"][prune["method"]].config

@@ -113,17 +113,9 @@ def merge_option(preset: Any, given: Any) -> Any:
     return given
 
 
-def parse_options(options: Mapping[str, Any] | str | None) -> SparseOptions:
-    """Validate ``options`` (a dict, its JSON text, or None for the default recipe)."""
-    if isinstance(options, str):
-        try:
-            options = json.loads(options)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"options are not valid JSON: {err}") from None
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise ValueError(f"options must be a dict, got {type(options).__name__}")
+def apply_recipe(options: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The recipe ``options`` ask for (the default when they name no method and no recipe) and the
+    options with its entries merged in (``merge_option``), keys checked, "recipe" removed."""
     if "recipe" not in options and not any(family in options for family in FAMILIES):
         options = {**options, "recipe": DEFAULT_RECIPE}  # nothing chosen: the default compression
     unknown = sorted(set(options) - set(VALID_KEYS))
@@ -136,6 +128,21 @@ def parse_options(options: Mapping[str, Any] | str | None) -> SparseOptions:
             raise ValueError(f"unknown recipe {recipe!r}; recipes: {', '.join(sorted(RECIPES))}")
         merged = {key: merge_option(RECIPES[recipe].get(key), merged[key]) if key in merged else value
                   for key, value in {**RECIPES[recipe], **merged}.items()}
+    return recipe, merged
+
+
+def parse_options(options: Mapping[str, Any] | str | None) -> SparseOptions:
+    """Validate ``options`` (a dict, its JSON text, or None for the default recipe)."""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"options are not valid JSON: {err}") from None
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict, got {type(options).__name__}")
+    recipe, merged = apply_recipe(options)
     lowering = merged.pop("lowering", "inductor")
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; valid: {', '.join(LOWERINGS)}")

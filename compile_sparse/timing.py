@@ -50,3 +50,21 @@ def decode_step_ms(forward, cache, batch: int, position: int, runs: int) -> floa
         forward(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
 
     return median_ms(step, runs)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of K and V a DynamicCache holds, over all layers."""
+    return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+
+
+def prefill_and_decode(forward, ids: torch.Tensor, runs: int) -> dict:
+    """Median ms of a prefill of ``ids`` (B, T) through ``forward`` (last position's logits only),
+    the cache it leaves (its bytes and tokens per layer, measured before decoding), and the median
+    ms of one decode step over that cache at position T (the cache grows by the warm-up and timed
+    steps unless the method keeps its size)."""
+    prefill_ms = median_ms(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), runs)
+    cache = forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    kv_bytes, cache_tokens = cache_bytes(cache), [layer.keys.shape[2] for layer in cache.layers]
+    decode_ms = decode_step_ms(forward, cache, ids.shape[0], ids.shape[1], runs)
+    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "kv_bytes": kv_bytes, "cache_tokens": cache_tokens,
+            "cache": cache}

@@ -15,10 +15,7 @@ import torch
 
 import compile_sparse
 from compile_sparse import models
-
-
-def cache_mb(cache) -> float:
-    return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers) / 1e6
+from compile_sparse.timing import cache_bytes
 
 
 def main() -> None:
@@ -49,7 +46,7 @@ def main() -> None:
         cache = out.past_key_values
         lengths = sorted({layer.keys.shape[2] for layer in cache.layers})
         print(f"\n{name}: {seconds:.0f} s ({'compile included' if name == 'sparse' else 'eager'}); cache per layer "
-              f"{lengths} tokens, {cache_mb(cache):.1f} MB")
+              f"{lengths} tokens, {cache_bytes(cache) / 1e6:.1f} MB")
         print("  " + repr(tokenizer.decode(out.sequences[0, prompt.shape[1]:]))[:400])
 
 

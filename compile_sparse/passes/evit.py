@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_evict import check_bool
 from .token_reduce import CutInputs, TokenScheduleConfig, attention_rows, token_method
 
 
@@ -25,8 +26,7 @@ class EViTConfig(TokenScheduleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.fuse, bool):
-            raise ValueError(f"fuse must be True or False, got {self.fuse!r}")
+        check_bool(self, "fuse")
 
 
 @token_method("evit", EViTConfig, causal=False)

@@ -58,8 +58,7 @@ class KVConfig:
         ratio = self.compression_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}")
-        if not isinstance(self.decode, bool):
-            raise ValueError(f"decode must be True or False, got {self.decode!r}")
+        check_bool(self, "decode")
         if self.decode and not self.SUPPORTS_DECODE:
             raise ValueError(f"{type(self).__name__} has no decode rule (it scores the prompt only); "
                              f"decode must be False, got {self.decode!r}")
@@ -84,6 +83,14 @@ def check_int(config: object, *names: str, minimum: int = 1) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_bool(config: object, *names: str) -> None:
+    """Raise a ValueError naming the bad value unless every field in ``names`` is True or False."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 KERNELS_META = "compile_sparse_kernels"  # gm.meta key: options["kernels"], set by the backend

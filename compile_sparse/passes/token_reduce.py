@@ -34,9 +34,7 @@ from .._torch_internals import propagate_shapes
 from ..analysis import (AttentionSite, GraphAnalysis, TokenAxes, _layer_index, _name, _shape, example_value,
                         is_parameter, token_axes)
 from . import PassResult, register
-from .prune import _apply_size_rewrites, _size_args
-
-_SIZE_OPS = {"view", "reshape", "expand"}
+from .prune import _SIZE_OPS, _apply_size_rewrites, _size_args
 
 
 @dataclass

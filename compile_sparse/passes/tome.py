@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_evict import check_bool
 from .token_reduce import CutInputs, TokenScheduleConfig, token_method
 
 
@@ -31,8 +32,7 @@ class ToMeConfig(TokenScheduleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.proportional_attention, bool):
-            raise ValueError(f"proportional_attention must be True or False, got {self.proportional_attention!r}")
+        check_bool(self, "proportional_attention")
 
 
 @token_method("tome", ToMeConfig, causal=False)
