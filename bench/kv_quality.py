@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.75, 0.9])
     parser.add_argument("--docs", type=int, default=8, help="number of test documents (EVAL.md: 8)")
+    parser.add_argument("--split", choices=("test", "calibration"), default="test",
+                        help="calibration: the 8 speeches before the test ones, to choose parameters on")
     parser.add_argument("--params", default="{}", help='JSON per method, e.g. {"h2o": {"recent_window": 64}}')
     parser.add_argument("--kvpress", nargs="*", default=None, help=f"also run these kvpress presses: {', '.join(PRESSES)}")
     parser.add_argument("--kvpress-only", action="store_true", help="skip our methods and truncate")
@@ -81,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    model, _, docs, dense = ev.smollm2_documents(args.docs)
+    model, _, docs, dense = ev.smollm2_documents(args.docs, args.split)
     rows = [{"method": "dense", "ratio": 0.0, "ppl_ratio": 1.0, "ppl": dense}]
     if not args.kvpress_only:
         for ratio in [] if args.no_truncate else args.ratios:
@@ -93,7 +95,7 @@ def main() -> None:
     presses = list(PRESSES) if args.kvpress == [] or args.kvpress_only and not args.kvpress else args.kvpress
     if presses:
         rows += kvpress_rows(model, docs, dense, presses, args.ratios)
-    out = {"model": "smollm2", "protocol": "ctx-continuation", "documents": list(docs), "rows": rows,
+    out = {"model": "smollm2", "protocol": "ctx-continuation", "split": args.split, "documents": list(docs), "rows": rows,
            "command": shlex.join(sys.argv), "seconds": round(time.perf_counter() - start)}
     if args.json:
         with open(args.json, "w") as f:

@@ -22,8 +22,8 @@ import sys
 import torch
 
 from compile_sparse import models
-from compile_sparse.passes.kv_evict import KVConfig
-from compile_sparse.timing import decode_step_ms, repeat_cache, slice_cache
+from compile_sparse.passes.kv.budgets import uniform_budget
+from compile_sparse.timing import decode_step_ms, median_ms, repeat_cache, slice_cache
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tokenizer = models.load("smollm2")
     ids = models.sotu_ids(tokenizer, args.context)  # (1, context)
-    kept = KVConfig(compression_ratio=args.ratio).budget(0, 1, args.context)
+    kept = uniform_budget(args.context, args.ratio)
     dense = torch.compile(model.forward, backend="inductor")
     rows = {"decode": [], "prefill": []}
 

@@ -24,7 +24,7 @@ def quality_table(rows: list[dict]) -> str:
         cells.setdefault(label, {})[r["setting"]] = f"{r['ppl_ratio']:.3f} ({r['params'] / 1e6:.2f}M)"
     settings = [s for s in SETTINGS if any(s in c for c in cells.values())]
     lines = ["| method | " + " | ".join(SETTINGS[s] for s in settings) + " |", "|---|" + "---:|" * len(settings),
-             f"| dense | " + " | ".join(f"1.000 ({dense['params'] / 1e6:.2f}M)" for _ in settings) + " |"]
+             "| dense | " + " | ".join(f"1.000 ({dense['params'] / 1e6:.2f}M)" for _ in settings) + " |"]
     for label, by_setting in cells.items():
         lines.append(f"| {label} | " + " | ".join(by_setting.get(s, "—") for s in settings) + " |")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from compile_sparse import eval as ev
 from compile_sparse import models
 from compile_sparse._torch_internals import compile_per_shape
 from compile_sparse.backend import sparse_backend
-from compile_sparse.passes.token_reduce import per_layer
+from compile_sparse.passes.tokens.schedule import per_layer
 
 NUM_LAYERS = 6
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from compile_sparse import eval as ev
-from compile_sparse.passes.token_reduce import per_layer
+from compile_sparse.passes.tokens.schedule import per_layer
 
 NUM_LAYERS = 30  # SmolLM2-135M
 
@@ -43,17 +43,19 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="*", default=["4:0.5"])
     parser.add_argument("--params", default="{}", help='JSON of LazyLLM parameters, e.g. {"window": 64, "kernel_size": 5}')
     parser.add_argument("--docs", type=int, default=8, help="number of test documents (EVAL.md: 8)")
+    parser.add_argument("--split", choices=("test", "calibration"), default="test",
+                        help="calibration: the 8 speeches before the test ones, to choose parameters on")
     parser.add_argument("--no-baselines", action="store_true", help="skip truncate and SnapKV (schedule sweeps)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    model, _, docs, dense = ev.smollm2_documents(args.docs)
+    model, _, docs, dense = ev.smollm2_documents(args.docs, args.split)
     rows = [{"method": "dense", "ratio": 0.0, "ppl_ratio": 1.0, "ppl": dense}]
 
     def save() -> None:
         if args.json:
-            out = {"model": "smollm2", "protocol": "ctx-continuation", "documents": list(docs), "rows": rows,
+            out = {"model": "smollm2", "protocol": "ctx-continuation", "split": args.split, "documents": list(docs), "rows": rows,
                    "command": shlex.join(sys.argv), "seconds": round(time.perf_counter() - start)}
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

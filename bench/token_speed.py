@@ -19,7 +19,7 @@ import torch
 from token_quality import parse_schedule
 
 from compile_sparse import models
-from compile_sparse.passes.token_reduce import per_layer
+from compile_sparse.passes.tokens.schedule import per_layer
 from compile_sparse.timing import median_ms
 
 

@@ -6,26 +6,32 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
 package is not needed for ``backend="sparse"``.
 """
 
+from . import methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
 from .analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, SkippedRegion, analyze
 from .backend import PassError, sparse_backend
-from .explain import Report, explain
+from .explain import explain
 from .export import export
-from .options import RECIPES, SparseOptions, parse_options
-from .passes.d2prune import D2PruneConfig
-from .passes.flap import FLAPConfig
-from .passes.h2o import H2OConfig
-from .passes.hitkv import HitKVConfig
-from .passes.knorm import KnormConfig
-from .passes.magnitude import MagnitudeConfig
-from .passes.nm_sparsity import NMSparsityConfig
-from .passes.pyramidkv import PyramidKVConfig
-from .passes.saved_plan import PlanConfig
-from .passes.snapkv import SnapKVConfig
-from .passes.streaming_llm import StreamingLLMConfig
-from .passes.taylor import TaylorConfig
-from .passes.tova import TOVAConfig
-from .passes.wanda import WandaConfig
+from .methods.d2prune import D2PruneConfig
+from .methods.evit import EViTConfig
+from .methods.flap import FLAPConfig
+from .methods.h2o import H2OConfig
+from .methods.hitkv import HitKVConfig
+from .methods.knorm import KnormConfig
+from .methods.lazyllm import LazyLLMConfig
+from .methods.magnitude import MagnitudeConfig
+from .methods.nm import NMSparsityConfig
+from .methods.plan import PlanConfig
+from .methods.pyramidkv import PyramidKVConfig
+from .methods.snapkv import SnapKVConfig
+from .methods.streaming_llm import StreamingLLMConfig
+from .methods.taylor import TaylorConfig
+from .methods.tome import ToMeConfig
+from .methods.tova import TOVAConfig
+from .methods.wanda import WandaConfig
+from .options import SparseOptions, parse_options
 from .plan import Plan
+from .recipes import RECIPES
+from .report import Report
 from .transform import transform
 
 __all__ = [
@@ -33,6 +39,8 @@ __all__ = [
     "SparseOptions", "analyze", "explain", "export", "parse_options", "sparse_backend", "transform",
     # KV-cache eviction configs (options={"kv": H2OConfig(compression_ratio=0.75)})
     "H2OConfig", "HitKVConfig", "KnormConfig", "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
+    # token reduction configs (options={"tokens": LazyLLMConfig(layers=[4], keep_ratios=[0.5])})
+    "EViTConfig", "LazyLLMConfig", "ToMeConfig",
     # pruning configs (options={"prune": WandaConfig(mlp_ratio=0.2, calibration=batches)}) and plans
     "D2PruneConfig", "FLAPConfig", "MagnitudeConfig", "NMSparsityConfig", "Plan", "PlanConfig", "TaylorConfig",
     "WandaConfig",

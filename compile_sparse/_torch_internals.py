@@ -1,4 +1,5 @@
-"""The one module that touches private torch APIs (``torch._inductor``, ``torch._dynamo``)."""
+"""The one module that touches private torch APIs (``torch._inductor``, ``torch._dynamo``,
+``torch.utils._pytree``, ``torch._subclasses``, SymInt internals)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,15 @@ def size_hint(size: Any) -> int:
     if isinstance(size, torch.SymInt):
         return int(size.node.hint)
     return int(size)
+
+
+def constant_size(size: torch.SymInt) -> int | None:
+    """The int a SymInt is known to equal (a size Dynamo kept static), else None; adds no guard."""
+    return size.node.maybe_as_int()
+
+
+def tree_map_tensors(fn: Callable, tree: Any) -> Any:
+    """``fn`` applied to every tensor in a nested structure of tuples, lists and dicts."""
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map_only(torch.Tensor, fn, tree)

@@ -16,11 +16,11 @@ import torch.fx as fx
 
 from ._torch_internals import compile_with_inductor
 from .analysis import analyze
-from .explain import GraphReport, format_analysis
 from .options import SparseOptions, parse_options
-from .passes import method_for_config
-from .passes.kv_evict import KERNELS_META
-from .state import extend_example_inputs, with_state
+from .passes.context import PassContext
+from .passes.registry import method_of, pass_for
+from .report import GraphReport, format_analysis
+from .state import STATE, extend_example_inputs, with_state
 
 log = logging.getLogger("compile_sparse")
 
@@ -57,7 +57,7 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
     the graph it captured); returns the rewritten copy and a report."""
     gm = _copy(gm)
-    gm.meta[KERNELS_META] = options.kernels
+    ctx = PassContext(example_inputs, STATE, options.kernels)
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)
     report = GraphReport(analysis=analysis.summary(), passes=[])
@@ -69,19 +69,19 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     for family, config in options.methods.items():
         if done:
             analysis = analyze(gm, example_inputs)  # the previous pass changed the graph
-        method = method_for_config(config)
-        log.info("running %s pass %s", family, method.name)
+        name = method_of(config)[1]
+        log.info("running %s pass %s", family, name)
         try:
-            result = method.apply(gm, analysis, config)
+            result = pass_for(config)(gm, analysis, config, ctx)
         except Exception as err:
-            raise PassError(f"{family} pass {method.name!r} failed (passes run before it: {', '.join(done) or 'none'}): "
+            raise PassError(f"{family} pass {name!r} failed (passes run before it: {', '.join(done) or 'none'}): "
                             f"{type(err).__name__}: {err}") from err
         gm.graph.lint()
         gm.recompile()
-        done.append(f"{family}:{method.name}")
+        done.append(f"{family}:{name}")
         report.passes.append(result.to_dict())
         if dump:
-            dump.graph(f"after_{family}_{method.name}", gm)
+            dump.graph(f"after_{family}_{name}", gm)
     if dump:
         dump.graph("final", gm)
     return gm, report
@@ -100,4 +100,4 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode
     passes thread through the graph (compile_sparse.state) stays with the backend."""
     inputs = extend_example_inputs(gm, example_inputs)
     fn = gm.forward if lowering == "eager" else compile_with_inductor(gm, inputs, mode)
-    return with_state(fn, gm)
+    return with_state(fn, gm, STATE.store)

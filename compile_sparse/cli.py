@@ -1,6 +1,7 @@
 """``compile-sparse``: the command line. Options are the torch.compile options dict, as JSON.
 
     compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N]
+    compile-sparse methods [--json FILE]
     compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm} [--options JSON ...]
                        [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png]
     compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE]
@@ -9,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import inspect as inspect_module
 import json
 import math
 import logging
@@ -22,7 +25,8 @@ from . import eval as ev
 from . import models
 from .explain import explain
 from .options import parse_options
-from .passes.token_reduce import per_layer
+from .passes.registry import FAMILIES, METHODS
+from .passes.tokens.schedule import per_layer
 from .timing import decode_step_ms, prefill_and_decode, slice_cache
 
 PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
@@ -224,6 +228,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    """Every registered method with its parameters and defaults (what ``options[family]`` accepts)."""
+    listing = {}
+    for family in FAMILIES:
+        for name in sorted(METHODS[family]):
+            cls = METHODS[family][name]
+            params = {f.name: ("<required>" if f.default is dataclasses.MISSING else f.default)
+                      for f in dataclasses.fields(cls) if f.name != "calibration"}
+            summary = (inspect_module.getdoc(cls) or "").split("\n")[0]
+            listing.setdefault(family, {})[name] = {"config": cls.__name__, "parameters": params, "summary": summary}
+            print(f"{family:7s} {name:14s} {cls.__name__:20s} " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(listing, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compile-sparse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
@@ -234,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--seq-len", type=int, default=32, help="tokens in the sample input (default 32)")
     inspect.set_defaults(run=_inspect)
+    listing = sub.add_parser("methods", help="list the registered compression methods and their parameters")
+    listing.add_argument("--json", default=None, metavar="FILE", help="also write the list as JSON")
+    listing.set_defaults(run=_methods, model=None)
     evaluate = sub.add_parser("eval", help="quality of one or more settings against dense and truncation (EVAL.md protocols)")
     evaluate.add_argument("model", help="a zoo model with a tokenizer: smollm2 (ctx-continuation, window-ppl), minilm")
     evaluate.add_argument("--protocol", required=True, choices=PROTOCOLS)
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if args.model not in models.ZOO:
+    if args.model is not None and args.model not in models.ZOO:
         parser.error(f"unknown model {args.model!r}; zoo: {', '.join(models.ZOO)}")
     try:
         return args.run(args)

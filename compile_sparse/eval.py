@@ -133,13 +133,14 @@ def dense_ppl(model: Callable, docs: dict[str, torch.Tensor], context: int = CON
     return result.ppl
 
 
-def smollm2_documents(count: int = 8) -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, float]]:
-    """SmolLM2, its tokenizer, the ctx-continuation documents (the ``count`` most recent speeches) and
-    the dense perplexity per document: what every ctx-continuation run starts from."""
+def smollm2_documents(count: int = 8, split: str = "test") -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, float]]:
+    """SmolLM2, its tokenizer, the ctx-continuation documents (the ``count`` most recent speeches, or
+    with ``split="calibration"`` the ``count`` before them, for choosing parameters) and the dense
+    perplexity per document: what every ctx-continuation run starts from."""
     from . import models
 
     model, tokenizer = models.load("smollm2")
-    docs = document_ids(tokenizer, models.sotu_documents("test", count))
+    docs = document_ids(tokenizer, models.sotu_documents(split, count))
     return model, tokenizer, docs, dense_ppl(model, docs)
 
 
@@ -157,15 +158,14 @@ def with_calibration(options: dict, tokenizer: Any, length: int = CONTEXT) -> di
     reads activations or gradients and none were given (the CLI and the benches do this; in code,
     pass your own)."""
     from .options import apply_recipe
-    from .passes import METHODS
+    from .passes.registry import METHODS, build
 
     prune = apply_recipe(options)[1].get("prune")
     prune = {"method": prune} if isinstance(prune, str) else prune
     if not isinstance(prune, dict) or "calibration" in prune or prune.get("method") not in METHODS["prune"]:
         return options
-    config = METHODS["prune"][prune["method"]].config
     params = {k: v for k, v in prune.items() if k != "method"}
-    probe = config(**params, calibration=[torch.zeros(1, 1, dtype=torch.long)])  # validates; says if data is read
+    probe = build("prune", prune["method"], {**params, "calibration": [torch.zeros(1, 1, dtype=torch.long)]})
     if not probe.needs_calibration():
         return options
     return {**options, "prune": {**prune, "calibration": calibration_batches(tokenizer, length)}}

@@ -20,30 +20,13 @@ from typing import Any, Mapping
 
 import torch
 
-from .passes import FAMILIES, METHODS, method_for_config
+from .passes.registry import FAMILIES, available, build, method_of, params_of
 from .plan import Plan
+from .recipes import DEFAULT_RECIPE, RECIPES
 
 LOWERINGS = ("inductor", "eager")
 KERNELS = ("auto", "interpret")
 VALID_KEYS = FAMILIES + ("recipe", "lowering", "kernels", "debug_dir")
-
-# Named presets, measured on SmolLM2-135M in docs/results.md ("Recipes") with the command that
-# measured them; ctx-continuation ppl ratios to dense in the comments.
-RECIPES: dict[str, dict[str, Any]] = {
-    # No compression: the analysis runs, nothing is rewritten, outputs equal eager.
-    "dense": {},
-    # H2O keeping half of the prompt's KV cache: 1.0088.
-    "kv-near-lossless": {"kv": {"method": "h2o", "compression_ratio": 0.5}},
-    # H2O keeping a quarter: 1.0191, the largest KV saving measured within 2% of dense: the default.
-    "kv-balanced": {"kv": {"method": "h2o", "compression_ratio": 0.75}},
-    # FLAP removing 20% of the MLP neurons (standardized allocation; pass "calibration" batches).
-    "prune-mlp20": {"prune": {"method": "flap", "mlp_ratio": 0.2, "allocation": "standardized"}},
-    # All three families in one compile: FLAP MLP 20%, LazyLLM 50% from layer 4, H2O at 0.5.
-    "composed": {"prune": {"method": "flap", "mlp_ratio": 0.2, "allocation": "standardized"},
-                 "tokens": {"method": "lazyllm", "layers": [4], "keep_ratios": [0.5]},
-                 "kv": {"method": "h2o", "compression_ratio": 0.5}},
-}
-DEFAULT_RECIPE = "kv-balanced"
 
 
 @dataclass
@@ -59,8 +42,8 @@ class SparseOptions:
     def to_dict(self) -> dict:
         methods = {}
         for family, config in self.methods.items():
-            params = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
-            methods[family] = {"method": method_for_config(config).name, **params}
+            params = {name: _jsonable(value) for name, value in params_of(config).items()}
+            methods[family] = {"method": method_of(config)[1], **params}
         return {**methods, "recipe": self.recipe, "lowering": self.lowering, "kernels": self.kernels,
                 "debug_dir": str(self.debug_dir) if self.debug_dir else None}
 
@@ -74,35 +57,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _available(family: str) -> str:
-    return ", ".join(sorted(METHODS[family])) or "none yet"
-
-
 def _config(family: str, value: Any) -> object:
     """A config object for ``options[family]``: from a name, a dict with "method", or a config."""
     if isinstance(value, str):
         value = {"method": value}
     if not isinstance(value, Mapping):
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            method = method_for_config(value)
-            if method.family != family:
-                raise ValueError(f"options[{family!r}] got a {method.family} config ({type(value).__name__})")
+            config_family = method_of(value)[0]
+            if config_family != family:
+                raise ValueError(f"options[{family!r}] got a {config_family} config ({type(value).__name__})")
             return value
         raise ValueError(f"options[{family!r}] must be a method name, a dict with 'method', or a config object; "
                          f"got {value!r}")
     params = dict(value)
     name = params.pop("method", None)
     if name is None:
-        raise ValueError(f"options[{family!r}] = {value!r} has no 'method'; available {family} methods: {_available(family)}")
-    method = METHODS[family].get(name)
-    if method is None:
-        raise ValueError(f"unknown {family} method {name!r}; available {family} methods: {_available(family)}")
-    valid = [f.name for f in dataclasses.fields(method.config)]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {family} method {name!r}; "
-                         f"valid parameters: {', '.join(valid) or 'none'}")
-    return method.config(**params)
+        raise ValueError(f"options[{family!r}] = {value!r} has no 'method'; available {family} methods: {available(family)}")
+    return build(family, name, params)
 
 
 def merge_option(preset: Any, given: Any) -> Any:

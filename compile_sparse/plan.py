@@ -8,13 +8,50 @@ or write a physically smaller checkpoint with ``compile_sparse.export``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 FORMAT = "compile_sparse.plan/1"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_count(where: str, name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
+
+
+def _check_units(where: str, name: str, values: Any, width: int) -> None:
+    """``values`` are sorted unique ints in [0, width), at least one."""
+    if not isinstance(values, list) or not all(_is_int(v) for v in values):
+        raise ValueError(f"{where}: {name} must be a list of ints, got {str(values)[:80]}")
+    if not values:
+        raise ValueError(f"{where}: {name} is empty: every layer keeps at least one unit")
+    if values != sorted(set(values)):
+        raise ValueError(f"{where}: {name} must be sorted without duplicates, got {str(values)[:80]}")
+    if values[0] < 0 or values[-1] >= width:
+        raise ValueError(f"{where}: {name} must lie in [0, {width}), got {values[0]} .. {values[-1]}")
+
+
+def _check_weights(where: str, weights: Any, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    if not isinstance(weights, dict) or set(weights) != set(keys):
+        raise ValueError(f"{where}: weights must name {', '.join(keys)}, got {weights!r}")
+    for key in keys:
+        if not isinstance(weights[key], str) and not (key in optional and weights[key] is None):
+            raise ValueError(f"{where}: weights[{key!r}] must be a parameter name, got {weights[key]!r}")
+
+
+def _check_bias(where: str, bias: Any) -> None:
+    if bias is not None and (not isinstance(bias, list) or not bias
+                             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bias)):
+        raise ValueError(f"{where}: bias must be null or a non-empty list of numbers, got {str(bias)[:80]}")
 
 
 @dataclass
@@ -28,6 +65,15 @@ class MLPPlan:
     keep: list[int]
     weights: dict[str, str | None]
     bias: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"plan layer {self.layer} MLP"
+        if not _is_int(self.layer) or self.layer < 0:
+            raise ValueError(f"{where}: layer must be an int >= 0, got {self.layer!r}")
+        _check_count(where, "width", self.width)
+        _check_units(where, "keep", self.keep, self.width)
+        _check_weights(where, self.weights, ("gate", "up", "down"), optional=("gate",))
+        _check_bias(where, self.bias)
 
 
 @dataclass
@@ -44,6 +90,40 @@ class HeadPlan:
     keep_kv_heads: list[int]
     weights: dict[str, str]
     bias: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"plan layer {self.layer} attention"
+        if not _is_int(self.layer) or self.layer < 0:
+            raise ValueError(f"{where}: layer must be an int >= 0, got {self.layer!r}")
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            _check_count(where, name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{where}: {self.num_heads} query heads cannot share {self.num_kv_heads} KV heads")
+        _check_units(where, "keep_heads", self.keep_heads, self.num_heads)
+        _check_units(where, "keep_kv_heads", self.keep_kv_heads, self.num_kv_heads)
+        group = self.num_heads // self.num_kv_heads
+        per_kv = {kv: sum(1 for h in self.keep_heads if h // group == kv) for kv in self.keep_kv_heads}
+        if sorted({h // group for h in self.keep_heads}) != self.keep_kv_heads or len(set(per_kv.values())) != 1:
+            raise ValueError(f"{where}: keep_kv_heads {self.keep_kv_heads} must be the KV heads of keep_heads "
+                             f"{self.keep_heads}, each keeping the same number of query heads")
+        _check_weights(where, self.weights, ("q", "k", "v", "o"))
+        _check_bias(where, self.bias)
+
+
+def _entry(cls: type, data: Any, where: str) -> Any:
+    """A plan entry from its JSON dict: required fields present, no unknown ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    unknown = sorted(set(data) - set(fields))
+    layer = data.get("layer", "?")
+    if missing or unknown:
+        raise ValueError(f"{where} (layer {layer}): " + "; ".join(
+            ([f"missing field(s) {', '.join(missing)}"] if missing else []) +
+            ([f"unknown field(s) {', '.join(unknown)}"] if unknown else [])))
+    return cls(**data)
 
 
 def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -71,9 +151,23 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a compile_sparse plan: format {data.get('format')!r}, expected {FORMAT!r}")
-        return cls(data["method"], [MLPPlan(**m) for m in data["mlp"]], [HeadPlan(**h) for h in data["heads"]])
+        """A Plan from its JSON form, validated: a plan edited by hand fails here, naming the layer
+        and the field, not deep inside the graph."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a compile_sparse plan: format {found!r}, expected {FORMAT!r}")
+        for key in ("method", "mlp", "heads"):
+            if key not in data:
+                raise ValueError(f"plan: missing field {key!r}")
+        if not isinstance(data["mlp"], list) or not isinstance(data["heads"], list):
+            raise ValueError("plan: 'mlp' and 'heads' must be lists")
+        plan = cls(data["method"], [_entry(MLPPlan, m, "plan MLP entry") for m in data["mlp"]],
+                   [_entry(HeadPlan, h, "plan attention entry") for h in data["heads"]])
+        for kind, entries in (("MLP", plan.mlp), ("attention", plan.heads)):
+            lengths = {len(e.bias) for e in entries if e.bias is not None}
+            if len(lengths) > 1:
+                raise ValueError(f"plan: the {kind} compensation biases have different lengths {sorted(lengths)}")
+        return plan
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

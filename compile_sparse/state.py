@@ -1,4 +1,5 @@
-"""State a pass keeps across calls of compiled graphs (the backend owns it, not the model).
+"""State the backend owns: what passes keep across calls of compiled graphs, and what they compute
+once per model (pruning plans, calibration statistics).
 
 A KV eviction method such as H2O accumulates scores for the tokens in the cache: the prefill graph
 starts them, every decode graph reads and updates them. The pass adds the state to the graph as
@@ -12,7 +13,7 @@ fresh state, and a cache that did not come from this backend has no state, which
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -73,7 +74,7 @@ def extend_example_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> 
     return inputs
 
 
-class _Store:
+class StateStore:
     """State tensors keyed by the identity of the cache tensor they describe; an entry goes away
     with its cache tensor."""
 
@@ -91,10 +92,40 @@ class _Store:
         return entry[1]
 
 
-STORE = _Store()
+class ModelCache:
+    """Values computed from a model's weights (pruning plans, calibration norms), kept while those
+    weight tensors live: keyed by the identity of the weights and a key of plain values. Dynamo
+    compiles several graphs from one model (prefill, decode, recompiles); they share the entry."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[list[weakref.ref], Any]] = {}
+
+    def get(self, weights: Sequence[torch.Tensor], key: Any) -> Any:
+        entry = self._entries.get((tuple(map(id, weights)), key))
+        if entry is None or any(ref() is not w for ref, w in zip(entry[0], weights)):
+            return None
+        return entry[1]
+
+    def put(self, weights: Sequence[torch.Tensor], key: Any, value: Any) -> None:
+        full = (tuple(map(id, weights)), key)
+        refs = [weakref.ref(w, lambda _, full=full: self._entries.pop(full, None)) for w in weights]
+        self._entries[full] = (refs, value)
 
 
-def with_state(fn: Callable, gm: fx.GraphModule) -> Callable:
+@dataclass
+class BackendState:
+    """Everything the backend keeps between compiles and calls: KV state per cache tensor
+    (``store``), pruning plans (``plans``) and N:M calibration norms (``norms``) per model."""
+
+    store: StateStore = field(default_factory=StateStore)
+    plans: ModelCache = field(default_factory=ModelCache)
+    norms: ModelCache = field(default_factory=ModelCache)
+
+
+STATE = BackendState()
+
+
+def with_state(fn: Callable, gm: fx.GraphModule, store: StateStore) -> Callable:
     """Wrap a compiled ``fn`` of ``gm``: feed it the stored state, store what it returns, and hand
     the caller only the graph's original outputs. ``fn`` itself when the graph has no state."""
     slots = state_slots(gm)
@@ -109,7 +140,7 @@ def with_state(fn: Callable, gm: fx.GraphModule) -> Callable:
     def run(*args: Any) -> Any:
         extra = []
         for name, owner_index in inputs:
-            state = STORE.get(args[owner_index])
+            state = store.get(args[owner_index])
             if state is None:
                 raise RuntimeError(f"no {name} for the KV cache passed in: that cache was not produced by this "
                                    "backend's eviction. Prefill through the compiled model first (a new prefill "
@@ -117,7 +148,7 @@ def with_state(fn: Callable, gm: fx.GraphModule) -> Callable:
             extra.append(state)
         results = fn(*args, *extra)
         for owner_index, state in zip(owners, results[num_user_outputs:]):
-            STORE.put(results[owner_index], state)
+            store.put(results[owner_index], state)
         return results[:num_user_outputs]
 
     return run

@@ -6,8 +6,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
+from ._torch_internals import tree_map_tensors
 from .analysis import example_value
 from .backend import transform_graph
 from .options import parse_options
@@ -19,7 +19,7 @@ class _RecordShapes(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        n.meta["val"] = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), result)
+        n.meta["val"] = tree_map_tensors(lambda t: torch.empty_like(t, device="meta"), result)
         return result
 
 

@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import torch
 
@@ -16,3 +17,21 @@ def _fresh_dynamo():
     torch.compiler.reset()
     yield
     torch.compiler.reset()
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded per test, so every test draws its own fresh inputs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poison_op_outputs(monkeypatch):
+    """Every output a kernel op allocates starts poisoned (NaN / 0b10101010), not uninitialized
+    (which can hold a previous result). The kernel test modules use it for every test."""
+    from compile_sparse.codegen import ops
+
+    from .kernel_helpers import poisoned
+
+    monkeypatch.setattr(ops, "output", lambda like, shape, dtype=None: poisoned(
+        tuple(shape), dtype if dtype is not None else like.dtype, like.device))

@@ -11,7 +11,8 @@ import torch
 
 import compile_sparse
 from compile_sparse import models
-from compile_sparse.passes import PassResult, register, unregister
+from compile_sparse.passes import register, register_pass, unregister
+from compile_sparse.report import PassResult
 
 from .helpers import compiled_generate_matches
 
@@ -122,7 +123,7 @@ class ScaleOutputConfig:
             raise ValueError(f"factor must be > 0, got {self.factor}")
 
 
-def _scale_attention_output(gm, analysis, config):
+def _scale_attention_output(gm, analysis, config, ctx):
     """Multiply every attention output by ``factor`` (a toy rewrite, counted per site)."""
     result = PassResult("scale_output", "tokens")
     for site in analysis.attention:
@@ -134,19 +135,21 @@ def _scale_attention_output(gm, analysis, config):
     return result
 
 
-def _fail(gm, analysis, config):
+def _fail(gm, analysis, config, ctx):
     raise RuntimeError("boom")
 
 
 @pytest.fixture
 def toy_passes():
-    register("tokens", "scale_output", ScaleOutputConfig)(_scale_attention_output)
+    register("tokens", "scale_output")(ScaleOutputConfig)
+    register_pass(ScaleOutputConfig)(_scale_attention_output)
 
     @dataclass
     class FailConfig:
         pass
 
-    register("kv", "fail", FailConfig)(_fail)
+    register("kv", "fail")(FailConfig)
+    register_pass(FailConfig)(_fail)
     yield
     unregister("tokens", "scale_output")
     unregister("kv", "fail")

@@ -6,25 +6,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import compile_sparse
 from compile_sparse import models
 from compile_sparse.backend import sparse_backend
-from compile_sparse.passes import kv_evict
-from compile_sparse.passes.pyramidkv import pyramid_budget
+from compile_sparse.passes.kv import scoring
+from compile_sparse.passes.kv.budgets import uniform_budget
+from compile_sparse.passes.registry import build
 
-from .helpers import compiled_generate_matches, generate
+from .helpers import compiled_generate_matches
+from .methods import DECODE_START, DECODE_STEP, DECODE_WINDOW, PREFILL_REFERENCE, kv_options as kv, names
 
-METHODS = ["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv", "pyramidkv"]
-DECODE_METHODS = ["streaming_llm", "h2o", "tova", "hitkv"]
-SMALL = {"snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8}, "h2o": {"recent_window": 4},
-         "hitkv": {"top_k": 4, "recent_window": 4}}
+METHODS = names("kv")
+DECODE_METHODS = names("kv", SUPPORTS_DECODE=True)
 T = 40
-
-
-def kv(method, ratio, **params):
-    return {"method": method, "compression_ratio": ratio, **SMALL.get(method, {}), **params}
 
 
 def ids(batch=2, length=T, seed=0):
@@ -38,9 +33,12 @@ def prefill_cache(model, input_ids, options):
 
 
 def expected_budget(method, layer, num_layers, length, ratio):
-    if method == "pyramidkv":
-        return pyramid_budget(layer, num_layers, length, ratio, SMALL["pyramidkv"]["window_size"], 20)
-    return max(1, math.floor(round(length * (1 - ratio), 9)))  # floor of the exact product
+    """The method's own budget (PyramidKV's ramp), which for uniform methods must be the floor of
+    the exact product (checked against plain arithmetic)."""
+    budget = build("kv", method, kv(method, ratio)).budget(layer, num_layers, length)
+    if method not in ("pyramidkv",):
+        assert budget == max(1, math.floor(round(length * (1 - ratio), 9)))
+    return budget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,9 +81,8 @@ def test_config_object_works_like_its_dict():
 
 
 def test_budgets_match_kvpress_convention():
-    config = kv_evict.KVConfig(compression_ratio=0.9)
-    assert [config.budget(0, 1, n) for n in (1024, 4096, 7, 1)] == [102, 409, 1, 1]
-    assert kv_evict.KVConfig(compression_ratio=0.75).budget(0, 1, 1024) == 256
+    assert [uniform_budget(n, 0.9) for n in (1024, 4096, 7, 1)] == [102, 409, 1, 1]
+    assert uniform_budget(1024, 0.75) == 256
 
 
 def test_inductor_cache_equals_eager_lowering_cache():
@@ -104,37 +101,9 @@ def test_inductor_cache_equals_eager_lowering_cache():
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_scores(method, probs, keys, group):
-    """probs (B, H, T, T) of the eager model, keys (B, Hkv, T, D) -> scores (B, Hkv, T)."""
-    b, h, t, _ = probs.shape
-    seen = torch.arange(t, 0, -1, dtype=torch.float32)  # queries that see key j: t - j
-
-    def per_kv_head(x):  # (B, H, T) -> (B, Hkv, T)
-        return x.view(b, h // group, group, t).mean(2)
-
-    if method == "h2o":
-        return per_kv_head(probs.sum(2) / seen)
-    if method == "hitkv":
-        top = probs.topk(4, dim=-1)
-        hits = torch.zeros_like(probs).scatter_(-1, top.indices, (top.values > 0).float())
-        return per_kv_head(hits.sum(2) / seen)
-    if method == "tova":
-        return probs[:, :, -1].mean(1, keepdim=True).expand(b, h // group, t)
-    if method in ("snapkv", "pyramidkv"):
-        window = per_kv_head(probs[:, :, -8:].mean(2))
-        return F.avg_pool1d(window, 5, stride=1, padding=2, count_include_pad=False)
-    if method == "knorm":
-        return -keys.norm(dim=-1)
-    raise ValueError(method)
-
-
-def _protected(method):
-    return {"h2o": 4, "hitkv": 4, "snapkv": 8, "pyramidkv": 8}.get(method, 0)
-
-
-@pytest.mark.parametrize("method", ["h2o", "hitkv", "tova", "snapkv", "knorm", "pyramidkv"])
+@pytest.mark.parametrize("method", METHODS)
 def test_kept_tokens_match_full_attention_reference(method, monkeypatch):
-    monkeypatch.setattr(kv_evict, "SCORE_CHUNK", 16)  # 40 queries: chunks of 16, 16 and 8
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 16)  # 40 queries: chunks of 16, 16 and 8
     heads, kv_heads = 6, 2
     reference_model = models.tiny_llama(heads=heads, kv_heads=kv_heads, attn_implementation="eager")
     model = models.tiny_llama(heads=heads, kv_heads=kv_heads)  # same seed: same weights, SDPA attention
@@ -144,10 +113,7 @@ def test_kept_tokens_match_full_attention_reference(method, monkeypatch):
     cache, _ = prefill_cache(model, input_ids, {"kv": kv(method, 0.5), "lowering": "eager"})
     for layer, (probs, dense_layer, kept) in enumerate(zip(dense.attentions, dense.past_key_values.layers,
                                                            cache.layers)):
-        scores = _reference_scores(method, probs, dense_layer.keys, heads // kv_heads)
-        protect = _protected(method)
-        if protect:
-            scores[..., -protect:] = float("inf")
+        scores = PREFILL_REFERENCE[method](probs, dense_layer.keys, heads // kv_heads)
         budget = expected_budget(method, layer, 2, T, 0.5)
         index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
         gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])
@@ -216,55 +182,53 @@ def test_prompt_only_methods_let_the_cache_grow_in_decode(method):
     assert [layer.keys.shape[-2] for layer in cache.layers] == [n + 1 for n in before]
 
 
-def _h2o_decode_reference(model, prompt, steps):
-    """Plain-torch H2O over eager attention: prefill scores, then per step add the new query's
-    attention, evict the lowest mean score outside the 4 newest tokens. Returns the final keys per layer."""
+def _evict(layer, scores, budget, state=None):
+    """Keep the ``budget`` highest scores of one layer (in cache order): keys, values and state."""
+    index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
+    gather = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+    layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+    return None if state is None else tuple(x.gather(2, index) for x in state)
+
+
+def _decode_reference(method, model, prompt, steps):
+    """Plain torch over the eager model's attention: the prefill keeps the budget by the method's
+    reference scores; every decode step adds the new token and evicts the one with the lowest
+    score outside the newest DECODE_WINDOW tokens. Returns the final keys per layer."""
     budget = T // 4
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, output_attentions=True)
     cache = out.past_key_values
-    group = model.config.num_attention_heads // model.config.num_key_value_heads
-    state, kept_keys = [], []
+    states = []
     for probs, layer in zip(out.attentions, cache.layers):
-        b, h, t, _ = probs.shape
-        total = probs.sum(2).view(b, h // group, group, t).sum(2)  # (B, Hkv, T)
-        count = torch.arange(t, 0, -1).float() * group
-        state.append((total, count.expand_as(total).clone()))
-    trimmed = _h2o_select(cache, state, budget)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+        state = DECODE_START[method](probs, group)
+        states.append(_evict(layer, PREFILL_REFERENCE[method](probs, layer.keys, group), budget, state))
     for step in range(steps):
-        with torch.no_grad():
-            out = model(input_ids=token, past_key_values=trimmed, position_ids=torch.full((prompt.shape[0], 1), T + step),
-                        use_cache=True, output_attentions=True)
-        for i, probs in enumerate(out.attentions):  # probs (B, H, 1, P + 1)
-            b, h, _, t = probs.shape
-            total, count = state[i]
-            total = F.pad(total, (0, 1)) + probs[:, :, 0].view(b, h // group, group, t).sum(2)
-            count = F.pad(count, (0, 1)) + group
-            state[i] = (total, count)
-        trimmed = _h2o_select(out.past_key_values, state, budget)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return [layer.keys for layer in trimmed.layers]
+        with torch.no_grad():
+            out = model(input_ids=token, past_key_values=cache, position_ids=torch.full((prompt.shape[0], 1), T + step),
+                        use_cache=True, output_attentions=True)
+        for i, (probs, layer) in enumerate(zip(out.attentions, cache.layers)):  # probs (B, H, 1, P + 1)
+            length = layer.keys.shape[2]
+            if DECODE_STEP[method] is None:  # StreamingLLM: the oldest token after the 4 sinks goes
+                scores = torch.arange(length).float().expand(*layer.keys.shape[:2], -1).clone()
+                scores[..., :4] = float("inf")
+            else:
+                scores, states[i] = DECODE_STEP[method](states[i], probs[:, :, 0], group)
+            window = DECODE_WINDOW[method]
+            if window:
+                scores[..., -window:] = float("inf")
+            states[i] = _evict(layer, scores, budget, states[i])
+    return [layer.keys for layer in cache.layers]
 
 
-def _h2o_select(cache, state, budget):
-    for i, layer in enumerate(cache.layers):
-        total, count = state[i]
-        scores = total / count
-        scores[..., -4:] = float("inf")
-        index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
-        gather = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-        state[i] = (total.gather(2, index), count.gather(2, index))
-    return cache
-
-
-def test_h2o_decode_state_matches_a_plain_reference_and_resets_on_prefill():
+@pytest.mark.parametrize("method", DECODE_METHODS)
+def test_decode_eviction_matches_a_plain_reference_and_resets_on_prefill(method):
     reference_model = models.tiny_llama(attn_implementation="eager")
     model = models.tiny_llama()
     prompt = ids()
-    expected = _h2o_decode_reference(reference_model, prompt, steps=5)
-    compiled = torch.compile(model.forward, backend="sparse", options={"kv": kv("h2o", 0.75), "lowering": "eager"})
+    expected = _decode_reference(method, reference_model, prompt, steps=5)
+    compiled = torch.compile(model.forward, backend="sparse", options={"kv": kv(method, 0.75), "lowering": "eager"})
     for _ in range(2):  # the second prefill starts fresh scores: same result again
         with torch.no_grad():
             out = compiled(input_ids=prompt, use_cache=True)
@@ -287,14 +251,17 @@ def test_decode_on_a_cache_the_backend_did_not_produce_is_an_error():
 
 def test_generate_with_eviction_through_inductor():
     model = models.tiny_llama()
-    reference, _ = generate(model, ids(), steps=6)
     model.forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("tova", 0.5)})
     with torch.no_grad():
         out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
     del model.forward
-    assert out.sequences.shape == reference.shape
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [20, 20]
+    eager = models.tiny_llama()  # the same eviction through eager lowering: the same tokens
+    eager.forward = torch.compile(eager.forward, backend="sparse", options={"kv": kv("tova", 0.5), "lowering": "eager"})
+    with torch.no_grad():
+        expected = eager.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.sequences, expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ from hypothesis import strategies as st
 
 import compile_sparse
 from compile_sparse import models
+from compile_sparse.passes.kv.scoring import KVConfig
+from compile_sparse.passes.registry import build
+
+from .methods import names
 
 
 SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,
@@ -52,7 +56,7 @@ def test_random_gpt2(layers, heads, head_dim, attn):
 
 
 @given(cfg=llama_configs(), length=st.integers(2, 30), ratio=st.sampled_from([0.0, 0.3, 0.5, 0.8]),
-       method=st.sampled_from(["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv"]))
+       method=st.sampled_from(names("kv")))
 @settings(**SETTINGS)
 def test_random_llama_kv_eviction(cfg, length, ratio, method):
     """The prefill cache holds exactly the budget in every layer; ratio 0 changes nothing."""
@@ -64,8 +68,12 @@ def test_random_llama_kv_eviction(cfg, length, ratio, method):
         compiled = torch.compile(model.forward, backend="sparse",
                                  options={"kv": {"method": method, "compression_ratio": ratio}, "lowering": "eager"})
         out = compiled(ids, use_cache=True)
-    budget = max(1, int(round(length * (1 - ratio), 9)))
-    for dense_layer, layer in zip(dense.past_key_values.layers, out.past_key_values.layers):
+    config = build("kv", method, {"compression_ratio": ratio})
+    layers = len(dense.past_key_values.layers)
+    for i, (dense_layer, layer) in enumerate(zip(dense.past_key_values.layers, out.past_key_values.layers)):
+        budget = config.budget(i, layers, length)
+        if type(config).budget is KVConfig.budget:  # uniform: the floor of the exact product
+            assert budget == max(1, int(round(length * (1 - ratio), 9)))
         assert layer.keys.shape == (2, cfg["kv_heads"], budget, cfg["head_dim"]) == layer.values.shape
         if ratio == 0:
             assert torch.equal(layer.keys, dense_layer.keys) and torch.equal(layer.values, dense_layer.values)

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import compile_sparse
 from compile_sparse import models
 from compile_sparse.export import shrink_model
-from compile_sparse.passes import prune as prune_base
-from compile_sparse.passes.nm_sparsity import nm_mask
+from compile_sparse.passes.prune import plan_build
 
 CRITERIA = ["magnitude", "wanda", "flap", "taylor", "d2prune"]
 T = 16
@@ -54,6 +53,19 @@ def plan_of(model, prune, tmp_path, **kwargs):
     path = tmp_path / "plan.json"
     run(model, {**prune, "save_plan": str(path)}, **kwargs)
     return compile_sparse.Plan.load(path)
+
+
+def down_inputs(model, batches):
+    """Per layer, the down projection's input over all calibration tokens: (tokens, I)."""
+    acts = {i: [] for i in range(len(model.model.layers))}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: acts[i].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for b in batches:
+            model(b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {i: torch.cat(a).double() for i, a in acts.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,106 +159,6 @@ def test_query_units_keep_equal_groups(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# What each criterion keeps, against references from the eager model
-# ---------------------------------------------------------------------------------------------
-
-
-def _down_inputs(model, batches):
-    """Per layer, the down projection's input over all calibration tokens: (tokens, I)."""
-    acts = {i: [] for i in range(len(model.model.layers))}
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: acts[i].append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for i, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        for b in batches:
-            model(b, use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {i: torch.cat(a).double() for i, a in acts.items()}
-
-
-def _reference_scores(model, method):
-    layers = model.model.layers
-    if method == "magnitude":
-        return [(l.mlp.gate_proj.weight.double().pow(2).sum(1) + l.mlp.up_proj.weight.double().pow(2).sum(1)
-                 + l.mlp.down_proj.weight.double().pow(2).sum(0)).sqrt() for l in layers]
-    acts = _down_inputs(model, CALIB)
-    if method == "wanda":
-        return [(l.mlp.down_proj.weight.double().abs() * acts[i].norm(dim=0)).sum(0) for i, l in enumerate(layers)]
-    if method == "flap":
-        return [acts[i].var(dim=0) * l.mlp.down_proj.weight.double().pow(2).sum(0) for i, l in enumerate(layers)]
-    # taylor: |w * dL/dw| summed over each neuron's gate / up rows and down column
-    model.zero_grad()
-    for b in CALIB:
-        logits = model(b, use_cache=False).logits
-        F.cross_entropy(logits[0, :-1], b[0, 1:]).backward()
-    scores = []
-    for l in layers:
-        g, u, d = l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight
-        scores.append((g * g.grad).double().abs().sum(1) + (u * u.grad).double().abs().sum(1)
-                      + (d * d.grad).double().abs().sum(0))
-    model.zero_grad()
-    return scores
-
-
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "flap", "taylor"])
-def test_kept_neurons_match_reference(method, tmp_path):
-    model = tiny()
-    plan = plan_of(model, spec(method, mlp_ratio=0.25), tmp_path)
-    for entry, score in zip(plan.mlp, _reference_scores(model, method)):
-        assert entry.keep == sorted(score.topk(30).indices.tolist())
-    assert all(p.grad is None for p in model.parameters())  # calibration never touches the model's grads
-
-
-def test_d2prune_scores_match_reference(tmp_path):
-    """1/2 sum g^2 (a^2 + var a) per down-projection input channel, from autograd."""
-    model = tiny()
-    plan = plan_of(model, spec("d2prune", mlp_ratio=0.25), tmp_path)
-    sums = {}
-    acts = _down_inputs(model, CALIB)
-
-    def hook(module, inp, i):
-        inp[0].register_hook(lambda g: sums.setdefault(i, []).append((inp[0].detach(), g)))
-
-    hooks = [l.mlp.down_proj.register_forward_pre_hook(lambda m, inp, i=i: hook(m, inp, i))
-             for i, l in enumerate(model.model.layers)]
-    for b in CALIB:
-        logits = model(b, use_cache=False).logits
-        F.cross_entropy(logits[0, :-1], b[0, 1:]).backward()
-    for h in hooks:
-        h.remove()
-    model.zero_grad()
-    for i, entry in enumerate(plan.mlp):
-        a = torch.cat([x.reshape(-1, 40) for x, _ in sums[i]]).double()
-        g = torch.cat([y.reshape(-1, 40) for _, y in sums[i]]).double()
-        score = 0.5 * ((g * g * a * a).sum(0) + (g * g).sum(0) * acts[i].var(dim=0))
-        assert entry.keep == sorted(score.topk(30).indices.tolist())
-
-
-def test_flap_bias_is_the_mean_of_removed_channels(tmp_path):
-    model = tiny()
-    plan = plan_of(model, spec("flap", mlp_ratio=0.25), tmp_path)
-    acts = _down_inputs(model, CALIB)
-    for i, entry in enumerate(plan.mlp):
-        removed = sorted(set(range(40)) - set(entry.keep))
-        w = model.model.layers[i].mlp.down_proj.weight.double()
-        expected = w[:, removed] @ acts[i].mean(0)[removed]
-        torch.testing.assert_close(torch.tensor(entry.bias, dtype=torch.float64), expected)
-
-
-def test_standardized_allocation_follows_scores():
-    scores = [torch.tensor([5.0, 6.0, 7.0, 8.0]), torch.tensor([1.0, 1.0, 1.0, 100.0])]
-    # z-scores: layer 0 spreads evenly, layer 1 has three equal lows: they go first
-    assert prune_base._allocate(scores, 0.5, "standardized", None) == [1, 3]
-    assert prune_base._allocate(scores, 0.5, "uniform", None) == [2, 2]
-    outlier = prune_base._allocate([torch.zeros(100)] * 3, 0.5, "outlier", [0.0, 0.5, 1.0])
-    assert sum(outlier) == 150 and outlier[0] > outlier[1] > outlier[2]
-    # rounding meets the total exactly, from above and from below, and leaves every layer a unit
-    for wanted, total in (([0.0, 5.0, 5.0], 8), ([2.5, 2.5, 9.0], 13)):
-        removed = prune_base._round_to_total(wanted, [10, 10, 10], total)
-        assert sum(removed) == total and all(0 <= r <= 9 for r in removed)
-
-
-# ---------------------------------------------------------------------------------------------
 # Plans, export, decode, Inductor
 # ---------------------------------------------------------------------------------------------
 
@@ -259,7 +171,7 @@ def test_saved_plan_needs_no_calibration(tmp_path, monkeypatch):
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(prune_base, "calibrate", no_calibration)
+    monkeypatch.setattr(plan_build, "calibrate", no_calibration)
     again = run(model, {"method": "plan", "plan": str(tmp_path / "plan.json")})
     assert torch.equal(first, again)
 
@@ -403,86 +315,6 @@ def test_fused_qkv_heads_are_refused_with_the_reason():
     result = report.passes[0]
     assert result["rewrites"] == {"mlp": 2, "heads": 0}
     assert "fused projection" in result["sites"]["layer 0 attention"]
-
-
-# ---------------------------------------------------------------------------------------------
-# N:M
-# ---------------------------------------------------------------------------------------------
-
-
-def test_nm_mask_keeps_the_top_n_of_every_group():
-    score = torch.rand(6, 16)
-    mask = nm_mask(score, 2, 4)
-    groups = mask.view(6, 4, 4)
-    assert groups.sum(-1).eq(2).all()
-    chosen = score.view(6, 4, 4).topk(2, dim=-1).indices
-    assert torch.equal(groups.gather(-1, chosen).all(-1), torch.ones(6, 4, dtype=torch.bool))
-
-
-@pytest.mark.parametrize("criterion", ["wanda", "magnitude"])
-def test_nm_sparsity(criterion):
-    model = tiny()
-    calib = {"calibration": CALIB} if criterion == "wanda" else {}
-    assert torch.equal(run(model, {"method": "nm", "n": 4, "m": 4, "criterion": criterion, **calib}), dense(model))
-    assert compile_sparse.explain(model, ids(), use_cache=False, options={"prune": {
-        "method": "nm", "n": 4, "m": 4, "criterion": criterion, **calib}}).passes[0]["rewrites"] == {"linear": 0}
-    torch.compiler.reset()
-    weights = {}
-
-    def capture(gm, example_inputs):
-        options = compile_sparse.parse_options({"prune": {"method": "nm", "criterion": criterion, **calib}})
-        out, report = compile_sparse.backend.transform_graph(gm, example_inputs, options)
-        weights.update({name: buf for name, buf in out.named_buffers() if name.startswith("pruned_")})
-        weights["report"] = report
-        return out.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(ids(), use_cache=False)
-    report = weights.pop("report")
-    assert report.passes[0]["rewrites"] == {"linear": 14}  # 7 projections x 2 layers
-    assert len(weights) == 14
-    for w in weights.values():
-        assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all()
-    acts = _down_inputs(model, CALIB)[0] if criterion == "wanda" else torch.ones(1, 40)
-    down = model.model.layers[0].mlp.down_proj.weight
-    expected = down * nm_mask(down.abs().double() * acts.norm(dim=0), 2, 4)
-    name = next(n for n in weights if "layers_modules_0_modules_mlp_modules_down_proj" in n)
-    assert torch.equal(weights[name], expected)
-
-
-def test_nm_generate_matches_masked_weights():
-    """Decode graphs reuse the prefill's calibration; tokens equal those of the eager model with
-    every projection masked by Wanda 2:4 scores from hooks."""
-    model = tiny()
-    norms = {}
-
-    def record(module, inp):
-        x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-        norms[module] = norms.get(module, 0) + (x * x).sum(0)
-
-    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
-    hooks = [m.register_forward_pre_hook(record) for m in linears]
-    with torch.no_grad():
-        for b in CALIB:
-            model(b, use_cache=False)
-    for h in hooks:
-        h.remove()
-    reference = tiny()
-    with torch.no_grad():
-        for mine, theirs in zip(linears, [m for layer in reference.model.layers for m in layer.modules()
-                                          if isinstance(m, nn.Linear)]):
-            theirs.weight.mul_(nm_mask(mine.weight.abs().double() * norms[mine].sqrt(), 2, 4))
-    compiled = torch.compile(model.forward, backend="sparse",
-                             options={"prune": {"method": "nm", "calibration": CALIB}, "lowering": "eager"})
-    eager_forward, model.forward = model.forward, compiled
-    try:
-        with torch.no_grad():
-            out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    finally:
-        model.forward = eager_forward
-    with torch.no_grad():
-        expected = reference.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..reference import causal_visibility, gqa_group, grouped_logits, grouped_probs
 from .render import load
 
 _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
@@ -82,13 +83,6 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"head dim must be a power of two >= 16, got {d}")
 
 
-def _gqa(q: Tensor, hkv: int) -> int:
-    """Query heads per KV head of q (B, Hq, T, D)."""
-    if q.shape[1] % hkv:
-        raise ValueError(f"{q.shape[1]} query heads do not divide into {hkv} KV heads")
-    return q.shape[1] // hkv
-
-
 def _run(launches: list[Launch]) -> None:
     for launch in launches:
         launch.run()
@@ -97,6 +91,11 @@ def _run(launches: list[Launch]) -> None:
 def _unit_last(t: Tensor) -> Tensor:
     """``t`` with a unit stride on its last axis, which every kernel assumes (copied if needed)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def output(like: Tensor, shape, dtype: torch.dtype | None = None) -> Tensor:
+    """A new tensor a kernel writes in full (uninitialized: tests poison it, see tests/test_kernels.py)."""
+    return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
 
 
 def _check_unit_last(**tensors: Tensor) -> None:
@@ -148,11 +147,11 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
         hkv, length = k.shape[1], k.shape[2]
         typical = length
         k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
-    group = _gqa(q, hkv)
+    group = gqa_group(q, hkv)
     block_n, warps = (16, 4) if interpret else config or DECODE_CONFIG
     splits = _num_splits(q, b * hkv, typical, block_n, num_splits)
-    part_out = torch.empty((b, hkv, splits, group, d), device=q.device, dtype=torch.float32)
-    part_lse = torch.empty((b, hkv, splits, group), device=q.device, dtype=torch.float32)
+    part_out = output(q, (b, hkv, splits, group, d), torch.float32)
+    part_lse = output(q, (b, hkv, splits, group), torch.float32)
     dummy = q.new_empty(0, dtype=torch.int32)
     spec = dict(HEAD_DIM=d, GROUP=group, BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_S=_pow2(splits),
                 VARLEN=int(varlen), BITMAP=int(bitmap), K_KEPT=k.shape[-1] if bitmap else d,
@@ -167,22 +166,10 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: floa
     return [partial, merge]
 
 
-def _grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-    """fp32 logits of q (B, Hq, T, D) against k (B, Hkv, L, D), k shared by groups: (B, Hq, T, L).
-    ``mask`` (T, L) or (B, Hkv, T, L) is True where visible; hidden logits are -inf."""
-    group = _gqa(q, k.shape[1])
-    k = k.float().repeat_interleave(group, dim=1)  # (B, Hq, L, D)
-    logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (B, Hq, T, L)
-    if mask is not None:
-        if mask.dim() == 4:
-            mask = mask.repeat_interleave(group, dim=1)  # (B, Hq, T, L)
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return logits
-
-
 def _grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-    """Softmax of ``_grouped_logits``: (B, Hq, T, L); rows with no visible key are 0."""
-    return _grouped_logits(q, k, scale, mask).softmax(dim=-1).nan_to_num(0.0)
+    """fp32 attention probabilities (B, Hq, T, L) of q against k (the shared reference); ``mask``
+    (T, L) or (B, Hkv, T, L) is True where visible; a row with no visible key is 0."""
+    return grouped_probs(q, k, scale, mask).flatten(1, 2)
 
 
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -198,7 +185,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, interpret: b
     """Attention of one new token over a compacted cache, GQA-aware, split along the cache."""
     if not (q.is_cuda or interpret):
         return decode_attention_reference(q, k, v, scale)
-    out = q.new_empty(q.shape)  # contiguous
+    out = output(q, q.shape)  # contiguous
     _run(decode_launches(_unit_last(q), _unit_last(k), _unit_last(v), out, scale=scale, interpret=interpret,
                          num_splits=num_splits))
     return out
@@ -215,7 +202,7 @@ def varlen_decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, offsets: 
     lengths[b * Hkv + h] of them -> (B, Hq, 1, D)."""
     b, hq, _, d = q.shape
     hkv = offsets.shape[0] // b
-    group = _gqa(q, hkv)
+    group = gqa_group(q, hkv)
     out = torch.zeros_like(q)
     for bh, (first, count) in enumerate(zip(offsets.tolist(), lengths.tolist())):
         heads = slice(bh % hkv * group, (bh % hkv + 1) * group)
@@ -234,7 +221,7 @@ def varlen_decode_attention(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, le
                          f"(B * Hkv,) with B = {q.shape[0]}")
     if not (q.is_cuda or interpret):
         return varlen_decode_attention_reference(q, k, v, offsets, lengths, scale)
-    out = q.new_empty(q.shape)  # contiguous
+    out = output(q, q.shape)  # contiguous
     _run(decode_launches(_unit_last(q), _unit_last(k), _unit_last(v), out, scale=scale, interpret=interpret,
                          num_splits=num_splits, offsets=offsets.int(), lengths=lengths.int()))
     return out
@@ -299,8 +286,8 @@ def bitmap_compress(x: Tensor, sparsity: float, interpret: bool = False) -> tupl
         raise ValueError(f"the last dim must be a power of two >= 8, got {d}")
     if not (x.is_cuda or interpret):
         return bitmap_compress_reference(x, sparsity)
-    bits = x.new_empty((*x.shape[:-1], d // 8), dtype=torch.uint8)
-    values = x.new_empty((*x.shape[:-1], kept_elements(d, sparsity)))
+    bits = output(x, (*x.shape[:-1], d // 8), torch.uint8)
+    values = output(x, (*x.shape[:-1], kept_elements(d, sparsity)))
     compress_launch(x.contiguous(), bits, values, interpret=interpret).run()
     return bits, values
 
@@ -321,7 +308,7 @@ def bitmap_decode_attention(q: Tensor, k_bits: Tensor, k_values: Tensor, v_bits:
     for name, t in (("k_bits", k_bits), ("k_values", k_values), ("v_bits", v_bits), ("v_values", v_values)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (as bitmap_compress writes it)")
-    out = q.new_empty(q.shape)  # contiguous
+    out = output(q, q.shape)  # contiguous
     _run(decode_launches(_unit_last(q), k_values, v_values, out, scale=scale, interpret=interpret,
                          num_splits=num_splits, k_bits=k_bits, v_bits=v_bits))
     return out
@@ -339,9 +326,9 @@ def _(q, k_bits, k_values, v_bits, v_values, scale, interpret=False, num_splits=
 
 def _visibility(q_len: int, kv_len: int, causal: bool, index: Tensor | None, device: torch.device) -> Tensor | None:
     """True where query i (at kv_len - q_len + i) may see key j: (Tq, Tk), or (B, Hkv, Tq, K) gathered."""
-    q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)  # (Tq,)
     if index is None:
-        return (torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]) if causal else None
+        return causal_visibility(q_len, kv_len, device) if causal else None
+    q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)  # (Tq,)
     if not causal:
         return torch.ones((*index.shape[:2], q_len, index.shape[2]), dtype=torch.bool, device=device)
     return index[:, :, None, :] <= q_pos[:, None]  # (B, Hkv, Tq, K)
@@ -356,7 +343,7 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor |
     if index is not None:
         gather = index[..., None].expand(-1, -1, -1, k.shape[-1])  # (B, Hkv, K, D)
         k, v = k.gather(2, gather), v.gather(2, gather)
-    logits = _grouped_logits(q, k, scale, mask)  # (B, Hq, Tq, K)
+    logits = grouped_logits(q, k, scale, mask).flatten(1, 2)  # (B, Hq, Tq, K)
     lse = logits.logsumexp(dim=-1)  # (B, Hq, Tq)
     probs = (logits - lse[..., None]).exp().nan_to_num(0.0)
     out = torch.matmul(probs, v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1))
@@ -375,7 +362,7 @@ def prefill_launch(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, out: T
         raise ValueError("lse must be contiguous (B, Hq, Tq)")
     b, hq, q_len, d = q.shape
     _check_head_dim(d)
-    group = _gqa(q, k.shape[1])
+    group = gqa_group(q, k.shape[1])
     gather = index is not None
     kv_len = index.shape[2] if gather else k.shape[2]
     block_m, block_n, warps, stages = (16, 16, 4, 1) if interpret else config
@@ -406,8 +393,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor | None, sca
     if not (q.is_cuda or interpret):
         return prefill_attention_reference(q, k, v, index, scale, causal)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out = torch.empty_like(q)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out = output(q, q.shape)
+    lse = output(q, q.shape[:3], torch.float32)
     prefill_launch(q, k, v, index, out, lse, scale=scale, causal=causal, interpret=interpret).run()
     return out, lse
 
@@ -438,7 +425,7 @@ def key_scores_launch(q: Tensor, k: Tensor, lse: Tensor, out: Tensor, *, scale: 
         raise ValueError("lse (B, Hq, Tq) and out (B, Hkv, Tk) must be contiguous")
     b, hkv, kv_len, d = k.shape
     block_m, block_n, warps = (16, 16, 4) if interpret else config
-    module = load("key_scores", interpret, HEAD_DIM=d, GROUP=_gqa(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,
+    module = load("key_scores", interpret, HEAD_DIM=d, GROUP=gqa_group(q, hkv), BLOCK_M=block_m, BLOCK_N=block_n,
                   CAUSAL=int(causal), **_math(q.dtype, interpret))
     return Launch(module.key_scores, (math.ceil(kv_len / block_n), b * hkv),
                   (q, k, lse, out, q.shape[2], kv_len, q_start, hkv, float(scale), *q.stride()[:3], *k.stride()[:3]),
@@ -456,8 +443,8 @@ def attention_key_scores(q: Tensor, k: Tensor, scale: float, causal: bool, q_sta
         return key_scores_reference(q, k, scale, causal, q_start)
     window, k = _unit_last(q[:, :, q_start:]), _unit_last(k)  # (B, Hq, w, D)
     b, hq, w, d = window.shape
-    lse = q.new_empty((b, hq, w), dtype=torch.float32)
-    out = q.new_empty(k.shape[:3], dtype=torch.float32)
+    lse = output(q, (b, hq, w), torch.float32)
+    out = output(q, k.shape[:3], torch.float32)
     # the rows' log-sum-exp needs values only for the (unused) output: pass k as v
     prefill_launch(window, k, k, None, torch.empty_like(window), lse, scale=scale, causal=causal,
                    interpret=interpret).run()

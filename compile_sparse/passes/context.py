@@ -1,0 +1,19 @@
+"""What a pass gets besides the graph, its analysis and its config: no side channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..state import BackendState
+
+
+@dataclass
+class PassContext:
+    """``example_inputs``: the real tensors the graph's placeholders stand for (parameters
+    included); ``state``: what the backend keeps across compiles and calls (KV state, pruning
+    plans, calibration norms); ``kernels``: options["kernels"] ("auto" or "interpret")."""
+
+    example_inputs: Sequence[Any]
+    state: BackendState
+    kernels: str = "auto"

@@ -1,0 +1,114 @@
+"""The table the generic tests run: example parameters for every registered method, small enough for
+tiny models, and for KV methods a plain-torch reference of the scores, computed from the eager
+model's attention. A new method is tested by adding its row; test_registry.py fails for a
+registered method without one.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from compile_sparse.passes.registry import METHODS, config_class
+
+# family -> method -> parameters for a 40-token prompt on a 2-layer model
+EXAMPLES = {
+    "kv": {
+        "streaming_llm": {}, "snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8},
+        "h2o": {"recent_window": 4}, "tova": {}, "knorm": {}, "hitkv": {"top_k": 4, "recent_window": 4},
+    },
+    "tokens": {
+        "lazyllm": {"layers": [1], "keep_ratios": [0.5], "window": 4},
+        "evit": {"layers": [1], "keep_ratios": [0.5]},
+        "tome": {"layers": [1], "keep_ratios": [0.75]},
+    },
+    "prune": {  # criteria that need data get calibration batches from the tests
+        "magnitude": {}, "wanda": {}, "flap": {}, "taylor": {}, "d2prune": {}, "nm": {"criterion": "magnitude"},
+        "plan": None,  # applies a saved plan: tested in test_prune.py from the plans the criteria write
+    },
+}
+
+
+def names(family, **flags):
+    """Registered methods of a family (each with a row in EXAMPLES), optionally filtered by class
+    flags (``names("kv", SUPPORTS_DECODE=True)``)."""
+    return [name for name in sorted(METHODS[family])
+            if all(getattr(config_class(family, name), flag, None) == value for flag, value in flags.items())]
+
+
+def kv_options(method, ratio, **params):
+    return {"method": method, "compression_ratio": ratio, **EXAMPLES["kv"][method], **params}
+
+
+def _per_kv_head(x, group):
+    """(B, H, T) -> (B, Hkv, T): the mean over the query heads of each KV group."""
+    b, h, t = x.shape
+    return x.view(b, h // group, group, t).mean(2)
+
+
+def _hits(probs, top_k):
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return torch.zeros_like(probs).scatter_(-1, top.indices, (top.values > 0).float())
+
+
+# method -> (eager attention probs (B, H, T, T), keys (B, Hkv, T, D), group) -> prefill scores (B, Hkv, T),
+# with the protected window of the method's EXAMPLES parameters marked +inf
+def _protect(scores, window):
+    if window:
+        scores[..., -window:] = float("inf")
+    return scores
+
+
+def _snapkv(probs, keys, group):
+    window = _per_kv_head(probs[:, :, -8:].mean(2), group)
+    return _protect(F.avg_pool1d(window, 5, stride=1, padding=2, count_include_pad=False), 8)
+
+
+PREFILL_REFERENCE = {
+    "h2o": lambda probs, keys, group: _protect(
+        _per_kv_head(probs.sum(2) / torch.arange(probs.shape[-1], 0, -1).float(), group), 4),
+    "hitkv": lambda probs, keys, group: _protect(
+        _per_kv_head(_hits(probs, 4).sum(2) / torch.arange(probs.shape[-1], 0, -1).float(), group), 4),
+    "tova": lambda probs, keys, group: probs[:, :, -1].mean(1, keepdim=True).expand(-1, keys.shape[1], -1).clone(),
+    "snapkv": _snapkv,
+    "pyramidkv": _snapkv,
+    "knorm": lambda probs, keys, group: -keys.norm(dim=-1),
+    "streaming_llm": lambda probs, keys, group: torch.where(
+        torch.arange(keys.shape[2]) < 4, float("inf"), torch.arange(keys.shape[2]).float()).expand(
+        keys.shape[0], keys.shape[1], -1).clone(),
+}
+
+
+# method -> one decode step: (state, probs of the new query over the past + new token (B, H, P + 1),
+# group) -> (scores (B, Hkv, P + 1), new state); state None on the first step after the prefill
+# (then it comes from DECODE_START). The token with the lowest score outside the protected window goes.
+def _accumulate(per_query):
+    def step(state, probs, group):
+        total, count = state
+        b, h, t = probs.shape
+        total = F.pad(total, (0, 1)) + per_query(probs).view(b, h // group, group, t).sum(2)
+        count = F.pad(count, (0, 1)) + group
+        return total / count, (total, count)
+    return step
+
+
+DECODE_START = {  # method -> (eager prefill probs (B, H, T, T), group) -> state after the prefill
+    "h2o": lambda probs, group: _start(probs, group, lambda p: p),
+    "hitkv": lambda probs, group: _start(probs, group, lambda p: _hits(p, 4)),
+    "tova": lambda probs, group: None,
+    "streaming_llm": lambda probs, group: None,
+}
+
+
+def _start(probs, group, per_query):
+    b, h, t, _ = probs.shape
+    total = per_query(probs).sum(2).view(b, h // group, group, t).sum(2)  # (B, Hkv, T)
+    count = torch.arange(t, 0, -1).float() * group
+    return total, count.expand_as(total).clone()
+
+
+DECODE_STEP = {
+    "h2o": _accumulate(lambda p: p),
+    "hitkv": _accumulate(lambda p: _hits(p[:, :, None], 4)[:, :, 0]),
+    "tova": lambda state, probs, group: (_per_kv_head(probs.mean(1, keepdim=True).expand_as(probs), group), None),
+    "streaming_llm": None,  # positions: the oldest token after the sinks goes (see DECODE_WINDOW)
+}
+DECODE_WINDOW = {"h2o": 4, "hitkv": 4, "tova": 0, "streaming_llm": 0}  # newest tokens never evicted
