@@ -23,7 +23,8 @@ import time
 import torch
 
 from compile_sparse import eval as ev
-from compile_sparse.timing import prefill_and_decode
+from compile_sparse import benchmark
+from compile_sparse.timing import prefill
 from compile_sparse.options import RECIPES
 
 
@@ -62,12 +63,6 @@ def main() -> None:
     model, tokenizer, docs, dense_ppl = ev.smollm2_documents(args.docs)
     ids = next(iter(docs.values()))[:, :ev.CONTEXT]  # (1, 1024): the speed prompt
     rows = []
-    dense = None
-    if not args.no_speed:
-        with torch.no_grad():
-            dense = prefill_and_decode(torch.compile(model.forward, backend="inductor"), ids, args.runs)
-            dense.pop("cache")
-        print(f"dense: prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms", flush=True)
     for recipe in args.recipes:
         options = ev.with_calibration({"recipe": recipe}, tokenizer)
         uneven = "tokens" in RECIPES[recipe]
@@ -79,15 +74,15 @@ def main() -> None:
                                          one_token_at_a_time=uneven)
             row.update(ppl_ratio=result.ppl_ratio, ppl=result.ppl)
             print(f"{recipe:>18}: ppl ratio {result.ppl_ratio:.4f}", flush=True)
-        if not args.no_speed:
+        if not args.no_speed:  # Inductor on both sides, timed in turn (compile_sparse.benchmark)
             torch.compiler.reset()
             with torch.no_grad():
-                sparse = prefill_and_decode(torch.compile(model.forward, backend="sparse", options=options), ids,
-                                            args.runs)
-                sparse.pop("cache")
-            row.update(dense=dense, sparse=sparse, prefill_speedup=dense["prefill_ms"] / sparse["prefill_ms"],
-                       decode_speedup=dense["decode_ms"] / sparse["decode_ms"],
-                       kv_saving=1 - sparse["kv_bytes"] / dense["kv_bytes"])
+                dense, sparse = benchmark.compiled(model, options)
+                row["prefill"] = benchmark.prefill_times(dense, sparse, ids, args.runs)
+                decode = benchmark.decode_times(dense, sparse, prefill(dense, ids)().past_key_values,
+                                                prefill(sparse, ids)().past_key_values, ids.shape[1], args.runs)
+            row.update(decode=decode, prefill_speedup=row["prefill"]["speedup"], decode_speedup=decode["speedup"],
+                       kv_saving=1 - decode["kv_bytes_sparse"] / decode["kv_bytes_dense"])
             print(f"{recipe:>18}: prefill {row['prefill_speedup']:.2f}x, decode {row['decode_speedup']:.2f}x, "
                   f"KV {row['kv_saving']:.0%} saved", flush=True)
         rows.append(row)

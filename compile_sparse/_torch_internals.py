@@ -106,3 +106,33 @@ def tree_map_tensors(fn: Callable, tree: Any) -> Any:
     import torch.utils._pytree as pytree
 
     return pytree.tree_map_only(torch.Tensor, fn, tree)
+
+
+def graph_break_reasons() -> list[str]:
+    """The reasons Dynamo has broken graphs for since its last reset (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return list(counters["graph_break"])
+
+
+def on_recompile_limit(callback: Callable[[str], None]) -> None:
+    """Call ``callback(message)`` when Dynamo hits its recompile limit on a function (from then on
+    the function runs eagerly for inputs no compiled graph accepts). Dynamo says so once per
+    function, through the ``torch._dynamo.convert_frame`` logger."""
+    import logging
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("torch._dynamo hit config."):
+                callback(message)
+
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(Handler(level=logging.WARNING))
+
+
+def fail_on_recompile_limit() -> None:
+    """From now on, a function that hits Dynamo's recompile limit raises instead of running eagerly
+    (a process-wide Dynamo setting)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.fail_on_recompile_limit_hit = True

@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from ._torch_internals import compile_with_inductor
+from ._torch_internals import compile_with_inductor, fail_on_recompile_limit, graph_break_reasons, on_recompile_limit
 from .analysis import analyze
 from .options import SparseOptions, parse_options
 from .passes.context import PassContext
@@ -26,6 +28,57 @@ log = logging.getLogger("compile_sparse")
 
 class PassError(RuntimeError):
     """A compression pass failed; the message names it and the passes that ran before it."""
+
+
+class StrictError(PassError):
+    """With ``options["strict"]``: something the options ask for cannot be done (the message says
+    what and why)."""
+
+
+class SparseWarning(UserWarning):
+    """compile_sparse leaves part of what the options ask for undone: the message says what and why."""
+
+
+def notify(cause: tuple, message: str, strict: bool) -> None:
+    """Say that something asked for is not done: an error with ``strict``, else a warning through
+    the ``compile_sparse`` logger and ``warnings``, once per cause in the process."""
+    if strict:
+        raise StrictError(message)
+    if cause in STATE.warned:
+        return
+    STATE.warned.add(cause)
+    log.warning(message)
+    warnings.warn(message, SparseWarning, stacklevel=3)
+
+
+def _recompile_limit(message: str) -> None:
+    function = next((line.strip() for line in message.splitlines() if line.strip().startswith("function:")), message)
+    notify(("recompile limit", function), f"Dynamo hit its recompile limit ({function}): from now on, inputs of a "
+           "shape no compiled graph accepts run eagerly, WITHOUT the compression of backend='sparse' (a token "
+           "method compiles one graph per prompt length; use the 'strict' option to make this an error)", False)
+
+
+def _report_undone(report: GraphReport, options: SparseOptions) -> None:
+    """Warn (or raise, with strict) about every region the options would compress that stays as it is."""
+    if not options.methods:
+        return
+    for region in report.analysis["skipped"]:
+        notify(("skipped", region["kind"], region["reason"]),
+               f"the analysis skipped the {region['kind']} at {region['node']} ({region['module'] or 'no module'}): "
+               f"{region['reason']}; it runs uncompressed", options.strict)
+    for result in report.passes:
+        by_reason = defaultdict(list)
+        for site, reason in result["refused"].items():
+            by_reason[reason].append(site)
+        for reason, sites in by_reason.items():
+            notify((result["family"], result["method"], reason),
+                   f"{result['family']}:{result['method']} leaves {', '.join(sites)} as {'it is' if len(sites) == 1 else 'they are'}: "
+                   f"{reason}", options.strict)
+    for reason in graph_break_reasons():
+        if reason not in STATE.graph_breaks:
+            STATE.graph_breaks.add(reason)
+            notify(("graph break", reason), f"Dynamo broke the graph ({reason}): the code between the graphs it "
+                   "captured runs eagerly, without compression", options.strict)
 
 
 class _DebugDump:
@@ -57,7 +110,7 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
     the graph it captured); returns the rewritten copy and a report."""
     gm = _copy(gm)
-    ctx = PassContext(example_inputs, STATE, options.kernels)
+    ctx = PassContext(example_inputs, STATE, options.kernels, options.strict)
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)
     report = GraphReport(analysis=analysis.summary(), passes=[])
@@ -84,6 +137,7 @@ def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
             dump.graph(f"after_{family}_{name}", gm)
     if dump:
         dump.graph("final", gm)
+    _report_undone(report, options)
     return gm, report
 
 
@@ -91,6 +145,11 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options
                    mode: str | None = None) -> Callable:
     """torch.compile backend. ``options`` as in compile_sparse.options; ``mode`` goes to Inductor."""
     parsed = parse_options(options)
+    if not STATE.watching_recompiles:
+        on_recompile_limit(_recompile_limit)
+        STATE.watching_recompiles = True
+    if parsed.strict:
+        fail_on_recompile_limit()
     gm, _ = transform_graph(gm, example_inputs, parsed)
     return lower(gm, example_inputs, parsed.lowering, mode)
 

@@ -1,6 +1,6 @@
 """``compile-sparse``: the command line. Options are the torch.compile options dict, as JSON.
 
-    compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N]
+    compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N] [--per-layer]
     compile-sparse methods [--json FILE]
     compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm} [--options JSON ...]
                        [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png]
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from . import benchmark
 from . import eval as ev
 from . import models
 from .explain import explain
 from .options import parse_options
 from .passes.registry import FAMILIES, METHODS
 from .passes.tokens.schedule import per_layer
-from .timing import decode_step_ms, prefill_and_decode, slice_cache
+from .timing import prefill
 
 PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
 
@@ -36,7 +37,7 @@ def _inspect(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(args.model)
     inputs = models.sample_inputs(args.model, model, tokenizer, seq_len=args.seq_len)
     report = explain(model, options=args.options, **inputs)
-    print(report)
+    print(report.format(per_layer=args.per_layer))
     if args.json:
         data = {"model": args.model, **report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=1, default=str))
@@ -200,27 +201,28 @@ def _bench(args: argparse.Namespace) -> int:
     if ids.shape[1] < args.context:
         raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than --context {args.context}")
     print(f"{args.model}: {args.batch} x {args.context} tokens, {torch.get_num_threads()} thread(s), Inductor on "
-          f"both sides, median of {args.runs} runs", flush=True)
-    result: dict = {"model": args.model, "options": _jsonable(options), "context": args.context, "batch": args.batch}
-    timings = {}
+          f"every side; the sides timed in turn for {args.runs} rounds, medians", flush=True)
+    result: dict = {"model": args.model, "options": _jsonable(options), "context": args.context, "batch": args.batch,
+                    "threads": torch.get_num_threads(), "rounds": args.runs}
     with torch.no_grad():
-        for side, backend, kwargs in (("dense", "inductor", {}), ("sparse", "sparse", {"options": options})):
-            torch.compiler.reset()
-            timings[side] = prefill_and_decode(torch.compile(model.forward, backend=backend, **kwargs), ids, args.runs)
-            print(f"  {side}: prefill {timings[side]['prefill_ms']:.0f} ms, decode step {timings[side]['decode_ms']:.1f} ms, "
-                  f"KV cache {timings[side]['kv_bytes'] / 1e6:.1f} MB", flush=True)
-        # the ideal: the dense model's decode step over a plain cache as long as the compressed one
-        dense_cache = timings["dense"]["cache"]
-        ideal = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - max(timings["sparse"]["cache_tokens"]))
+        if args.compile_time:
+            result["compile_s"] = benchmark.compile_times(model, options, ids)
+            for state, sides in result["compile_s"].items():
+                print(f"  compile ({state} Inductor cache): prefill dense {sides['dense']['prefill']:.1f} s, sparse "
+                      f"{sides['sparse']['prefill']:.1f} s; decode dense {sides['dense']['decode']:.1f} s, sparse "
+                      f"{sides['sparse']['decode']:.1f} s", flush=True)
         torch.compiler.reset()
-        ideal_ms = decode_step_ms(torch.compile(model.forward, backend="inductor"), ideal, args.batch, args.context,
-                                  args.runs)
-    dense, sparse = timings["dense"], timings["sparse"]
-    result.update(kv_bytes_dense=dense["kv_bytes"], kv_bytes_sparse=sparse["kv_bytes"],
-                  prefill={"dense_ms": dense["prefill_ms"], "sparse_ms": sparse["prefill_ms"],
-                           "speedup": dense["prefill_ms"] / sparse["prefill_ms"]},
-                  decode={"dense_ms": dense["decode_ms"], "sparse_ms": sparse["decode_ms"], "ideal_ms": ideal_ms,
-                          "speedup": dense["decode_ms"] / sparse["decode_ms"]})
+        dense, sparse = benchmark.compiled(model, options)
+        result["prefill"] = benchmark.prefill_times(dense, sparse, ids, args.runs)
+        dense_cache = prefill(dense, ids)().past_key_values
+        sparse_cache = prefill(sparse, ids)().past_key_values
+        decode = benchmark.decode_times(dense, sparse, dense_cache, sparse_cache, args.context, args.runs)
+    result.update(kv_bytes_dense=decode.pop("kv_bytes_dense"), kv_bytes_sparse=decode.pop("kv_bytes_sparse"),
+                  decode=decode)
+    print(f"  prefill: dense {result['prefill']['dense_ms']:.0f} ms, sparse {result['prefill']['sparse_ms']:.0f} ms; "
+          f"decode step: dense {decode['dense_ms']:.1f} ms, ideal {decode['ideal_ms']:.1f} ms, sparse "
+          f"{decode['sparse_ms']:.1f} ms ({decode['vs_ideal']:.3f}x the ideal); KV cache "
+          f"{result['kv_bytes_dense'] / 1e6:.1f} -> {result['kv_bytes_sparse'] / 1e6:.1f} MB", flush=True)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--options", default=None, help="the torch.compile options dict, as JSON")
     inspect.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--seq-len", type=int, default=32, help="tokens in the sample input (default 32)")
+    inspect.add_argument("--per-layer", action="store_true", help="one row per layer (default: identical layers grouped)")
     inspect.set_defaults(run=_inspect)
     listing = sub.add_parser("methods", help="list the registered compression methods and their parameters")
     listing.add_argument("--json", default=None, metavar="FILE", help="also write the list as JSON")
@@ -274,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--context", type=int, default=4096, help="prompt tokens (EVAL.md: 4096)")
     bench.add_argument("--options", default=None, help="the torch.compile options dict, as JSON (default: the default recipe)")
     bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--runs", type=int, default=3, help="timed runs after two warm-ups")
+    bench.add_argument("--runs", type=int, default=5, help="timed rounds (every side once a round, in turn)")
+    bench.add_argument("--compile-time", action="store_true",
+                       help="also measure compilation (cold and warm Inductor cache), dense against sparse")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (EVAL.md: 1 on 2-core machines)")
     bench.add_argument("--json", default=None, metavar="FILE")
     bench.set_defaults(run=_bench)

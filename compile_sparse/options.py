@@ -7,7 +7,8 @@ explicit ones override; a parameter dict without "method" adds to the preset's p
 no recipe get the default recipe); ``"lowering"`` (``"inductor"`` or ``"eager"``); ``"kernels"`` (``"auto"``:
 the Triton kernels on CUDA tensors and torch code on CPU; ``"interpret"``: the Triton kernels on CPU
 too, under Triton's interpreter, for debugging; set TRITON_INTERPRET=1 before triton is imported);
-``"debug_dir"``.
+``"strict"`` (``True``: anything the options ask for that cannot be done is an error, not a
+warning); ``"debug_dir"``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .recipes import DEFAULT_RECIPE, RECIPES
 
 LOWERINGS = ("inductor", "eager")
 KERNELS = ("auto", "interpret")
-VALID_KEYS = FAMILIES + ("recipe", "lowering", "kernels", "debug_dir")
+VALID_KEYS = FAMILIES + ("recipe", "lowering", "kernels", "strict", "debug_dir")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SparseOptions:
     recipe: str | None = None
     lowering: str = "inductor"
     kernels: str = "auto"
+    strict: bool = False
     debug_dir: Path | None = None
 
     def to_dict(self) -> dict:
@@ -45,7 +47,7 @@ class SparseOptions:
             params = {name: _jsonable(value) for name, value in params_of(config).items()}
             methods[family] = {"method": method_of(config)[1], **params}
         return {**methods, "recipe": self.recipe, "lowering": self.lowering, "kernels": self.kernels,
-                "debug_dir": str(self.debug_dir) if self.debug_dir else None}
+                "strict": self.strict, "debug_dir": str(self.debug_dir) if self.debug_dir else None}
 
 
 def _jsonable(value: Any) -> Any:
@@ -120,7 +122,10 @@ def parse_options(options: Mapping[str, Any] | str | None) -> SparseOptions:
     kernels = merged.pop("kernels", "auto")
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    strict = merged.pop("strict", False)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
     debug_dir = merged.pop("debug_dir", None)
     methods = {family: _config(family, merged[family]) for family in FAMILIES if merged.get(family) is not None}
-    return SparseOptions(methods=methods, recipe=recipe, lowering=lowering, kernels=kernels,
+    return SparseOptions(methods=methods, recipe=recipe, lowering=lowering, kernels=kernels, strict=strict,
                          debug_dir=Path(debug_dir) if debug_dir is not None else None)

@@ -54,3 +54,14 @@ def grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = Non
 def grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
     """Softmax of ``grouped_logits`` over the keys: (B, Hkv, G, T, L); a row with no visible key is 0."""
     return grouped_logits(q, k, scale, mask).softmax(dim=-1).nan_to_num(0.0)
+
+
+def mask_allows(mask: Tensor, how: str) -> Tensor:
+    """Boolean 'may attend' from an attention mask applied as ``how``: "bool_keep" (True attends;
+    SDPA's float masks are additive), "bool_block" (True is blocked: masked_fill) or "additive"
+    (a large negative value blocks)."""
+    if how == "bool_keep":
+        return mask.bool() if mask.dtype == torch.bool else mask > -1e3
+    if how == "bool_block":
+        return ~mask.bool()
+    return mask > -1e3

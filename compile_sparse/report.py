@@ -4,7 +4,9 @@ one compiled graph (GraphReport), and the Report ``compile_sparse.explain`` retu
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .recipes import DEFAULT_RECIPE
 
@@ -15,7 +17,9 @@ class PassResult:
     what changed per site (``{"layer 3 attention": "kept 256 of 1024 tokens"}``), ``kv_cache_bytes``
     the KV cache this graph hands back, before and after the pass (``{"before": n, "after": m}``,
     empty when the pass does not touch the cache or the sizes are symbolic), ``params`` the
-    parameters of the sites it prunes, before and after (empty for passes that prune nothing)."""
+    parameters of the sites it prunes, before and after (empty for passes that prune nothing).
+    ``refused``: the sites the options ask to compress that the pass leaves as they are, with the
+    reason (the backend warns about each reason once, or raises with ``"strict"``)."""
 
     method: str
     family: str
@@ -23,6 +27,12 @@ class PassResult:
     sites: dict[str, str] = field(default_factory=dict)
     kv_cache_bytes: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def refuse(self, site: str, reason: str, verb: str = "not rewritten") -> None:
+        """Leave ``site`` as it is, for ``reason`` (shown in explain, warned about by the backend)."""
+        self.refused[site] = reason
+        self.sites[site] = f"{verb}: {reason}"
 
     def count(self, kind: str, n: int = 1) -> None:
         """Add ``n`` rewrites of ``kind``."""
@@ -30,7 +40,8 @@ class PassResult:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "family": self.family, "rewrites": dict(self.rewrites),
-                "sites": dict(self.sites), "kv_cache_bytes": dict(self.kv_cache_bytes), "params": dict(self.params)}
+                "sites": dict(self.sites), "kv_cache_bytes": dict(self.kv_cache_bytes), "params": dict(self.params),
+                "refused": dict(self.refused)}
 
 
 @dataclass
@@ -48,27 +59,68 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024:,.1f} KiB" if n < 1024 ** 2 else f"{n / 1024 ** 2:,.1f} MiB"
 
 
-def format_analysis(analysis: dict) -> str:
-    """A plain-text table of one graph's sites."""
+def _groups(rows: list[tuple[Any, str]]) -> list[tuple[str, str]]:
+    """Consecutive rows (layer, text) with the same text as one row: ("0-29", text)."""
+    out: list[list] = []
+    for layer, text in rows:
+        if out and out[-1][2] == text and isinstance(layer, int) and isinstance(out[-1][1], int) \
+                and layer == out[-1][1] + 1:
+            out[-1][1] = layer
+        else:
+            out.append([layer, layer, text])
+    return [(str(first) if first == last else f"{first}-{last}", text) for first, last, text in out]
+
+
+def _rows(rows: list[tuple[Any, str]], per_layer: bool) -> list[tuple[str, str]]:
+    return [(str(layer), text) for layer, text in rows] if per_layer else _groups(rows)
+
+
+def format_analysis(analysis: dict, per_layer: bool = False) -> str:
+    """A plain-text table of one graph's sites; consecutive layers with identical rows share one
+    row ("0-29") unless ``per_layer``."""
     lines = []
     att = analysis["attention_sites"]
     if att:
-        lines.append(f"{'layer':>5}  {'attention':<18} {'heads q/kv':>10} {'head_dim':>8} {'causal':>6} "
+        lines.append(f"{'layers':>7}  {'attention':<18} {'heads q/kv':>10} {'head_dim':>8} {'causal':>6} "
                      f"{'q_len':>6} {'kv_len':>6}  {'cache':<11} {'params':>10}")
-        for s in att:
-            cache = s["cache"]["kind"] if s["cache"] else "-"
-            lines.append(f"{s['layer']:>5}  {s['form'] + (' qkv' if s['qkv_fused'] else ''):<18} "
-                         f"{str(s['num_heads']) + '/' + str(s['num_kv_heads']):>10} {s['head_dim']:>8} "
-                         f"{str(s['causal']):>6} {str(s['q_len']):>6} {str(s['kv_len']):>6}  {cache:<11} {s['params']:>10,}")
+        rows = [(s["layer"], f"{s['form'] + (' qkv' if s['qkv_fused'] else ''):<18} "
+                 f"{str(s['num_heads']) + '/' + str(s['num_kv_heads']):>10} {s['head_dim']:>8} "
+                 f"{str(s['causal']):>6} {str(s['q_len']):>6} {str(s['kv_len']):>6}  "
+                 f"{s['cache']['kind'] if s['cache'] else '-':<11} {s['params']:>10,}") for s in att]
+        lines += [f"{layers:>7}  {text}" for layers, text in _rows(rows, per_layer)]
     mlp = analysis["mlp_sites"]
     if mlp:
-        lines.append(f"{'layer':>5}  {'mlp':<18} {'activation':>10} {'hidden':>8} {'inter.':>6} {'params':>26}")
-        for s in mlp:
-            lines.append(f"{s['layer']:>5}  {'gated' if s['gated'] else 'plain':<18} {s['activation']:>10} "
-                         f"{s['hidden_size']:>8} {s['intermediate_size']:>6} {s['params']:>26,}")
+        lines.append(f"{'layers':>7}  {'mlp':<18} {'activation':>10} {'hidden':>8} {'inter.':>6} {'params':>26}")
+        rows = [(s["layer"], f"{'gated' if s['gated'] else 'plain':<18} {s['activation']:>10} "
+                 f"{s['hidden_size']:>8} {s['intermediate_size']:>6} {s['params']:>26,}") for s in mlp]
+        lines += [f"{layers:>7}  {text}" for layers, text in _rows(rows, per_layer)]
     for s in analysis["skipped"]:
         lines.append(f"skipped {s['kind']} at {s['node']} ({s['module'] or 'no module'}): {s['reason']}")
     return "\n".join(lines)
+
+
+def format_sites(sites: dict[str, str], per_layer: bool = False) -> list[str]:
+    """What a pass did per site ("layer 3 attention: ..."), consecutive layers with the same words
+    on one line ("layers 0-29 attention: ...") unless ``per_layer``."""
+    rows = []
+    for site, what in sites.items():
+        match = re.fullmatch(r"layer (\d+) (\w+)", site)
+        rows.append((site, None, what) if match is None or per_layer else (int(match.group(1)), match.group(2), what))
+    grouped: list[list] = []
+    for layer, kind, what in rows:
+        last = grouped[-1] if grouped else None
+        if last and kind is not None and last[2] == kind and last[3] == what and last[1] + 1 == layer:
+            last[1] = layer
+        else:
+            grouped.append([layer, layer, kind, what])
+    lines = []
+    for first, last, kind, what in grouped:
+        if kind is None:
+            lines.append(f"  {first}: {what}")
+        else:
+            layers = f"layer {first}" if first == last else f"layers {first}-{last}"
+            lines.append(f"  {layers} {kind}: {what}")
+    return lines
 
 
 @dataclass
@@ -139,6 +191,10 @@ class Report:
         return json.dumps(self.to_dict(), indent=1, default=str)
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, per_layer: bool = False) -> str:
+        """The report as text; consecutive layers with identical rows share one row unless ``per_layer``."""
         t = self.totals()
         out = [f"compile_sparse report: {t['graphs']} graph(s), {t['attention_sites']} attention sites, "
                f"{t['mlp_sites']} MLP sites, {t['skipped']} skipped"]
@@ -147,13 +203,13 @@ class Report:
                        + (" (the default, as no method was chosen)" if self.options["recipe"] == DEFAULT_RECIPE else ""))
         for i, g in enumerate(self.graphs):
             out.append(f"-- graph {i}")
-            table = format_analysis(g.analysis)
+            table = format_analysis(g.analysis, per_layer)
             if table:
                 out.append(table)
             for p in g.passes:
                 counts = ", ".join(f"{k}: {v}" for k, v in p["rewrites"].items()) or "no rewrites"
                 out.append(f"pass {p['family']}:{p['method']}: {counts}")
-                out.extend(f"  {site}: {what}" for site, what in p["sites"].items())
+                out.extend(format_sites(p["sites"], per_layer))
                 if p.get("kv_cache_bytes"):
                     kv = p["kv_cache_bytes"]
                     saved = 1 - kv["after"] / kv["before"] if kv["before"] else 0.0

@@ -1,13 +1,15 @@
 """State the backend owns: what passes keep across calls of compiled graphs, and what they compute
 once per model (pruning plans, calibration statistics).
 
-A KV eviction method such as H2O accumulates scores for the tokens in the cache: the prefill graph
-starts them, every decode graph reads and updates them. The pass adds the state to the graph as
-an extra input (placeholder) and an extra output; the backend wraps the compiled function so that
-callers see the original signature, and keeps each state tensor beside the cache tensor it
-describes. The state that a graph returns belongs to the cache tensor it returns (``owner_output``);
-the next call finds it again by that tensor's identity (``owner_input``): a new prefill starts
-fresh state, and a cache that did not come from this backend has no state, which is an error.
+A KV eviction method keeps, per layer, the true position of every cache slot and its scores (H2O
+accumulates attention across calls): the prefill graph starts that state, every later graph reads
+and updates it. The pass adds the state to the graph as an extra input (placeholder) and an extra
+output; the backend wraps the compiled function so that callers see the original signature, and
+keeps each state tensor beside the cache tensor it describes, found again by that tensor's identity.
+
+A cache the graph updates in place (a StaticCache buffer) is its own owner; a cache the graph hands
+back as an output (DynamicCache) belongs to that output. After a prompt over cache buffers passed
+in, the graph returns the kept tokens and the wrapper stores them into the buffers (``BufferSlot``).
 """
 
 from __future__ import annotations
@@ -21,23 +23,41 @@ import torch.fx as fx
 
 from ._torch_internals import size_hint
 from .analysis import example_value
+from .passes.toolkit import output_node
 
 
 @dataclass
 class StateSlot:
     """One state tensor threaded through a graph.
 
-    ``input``: the placeholder the state enters by, with ``owner_input`` the placeholder of the
-    cache tensor it belongs to (both None when this graph starts the state, e.g. a prefill).
+    ``input``: the placeholder the state enters by (None when this graph starts the state: a
+    prefill), ``owner_input`` the placeholder of the cache tensor it belongs to on entry.
     ``output``: the node computing the new state; ``owner_output`` the graph output (a cache
-    tensor) the new state belongs to.
+    tensor) the new state belongs to, or None when the cache is updated in place (the owner is
+    then ``owner_input``'s tensor). ``default(owner)`` builds the state of a cache this backend did
+    not fill, or is None: such a cache is an error.
     """
 
     name: str
     input: fx.Node | None
     owner_input: fx.Node | None
     output: fx.Node
-    owner_output: fx.Node
+    owner_output: fx.Node | None
+    default: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class BufferSlot:
+    """Cache buffers passed in (``buffers``: placeholders) that take the kept tokens (``kept``: graph
+    outputs) after the call, through ``store(buffer tensors, kept tensors, state) -> state``, where
+    ``state`` is the new state of ``slot`` (whose owner is the first buffer). ``before(args)``
+    checks the call's inputs first."""
+
+    buffers: list[fx.Node]
+    kept: list[fx.Node]
+    slot: StateSlot
+    store: Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], torch.Tensor]
+    before: Callable[[Sequence[Any]], None] | None = None
 
 
 def add_state_input(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.Node:
@@ -49,18 +69,33 @@ def add_state_input(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.
     return node
 
 
-def add_state(gm: fx.GraphModule, slot: StateSlot) -> None:
-    """Append ``slot.output`` to the graph's outputs and remember the slot on the graph."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+def _add_output(gm: fx.GraphModule, node: fx.Node) -> None:
+    output = output_node(gm.graph)
     values = output.args[0]
     if not isinstance(values, (tuple, list)):
         raise ValueError(f"the graph returns {type(values).__name__}, not a tuple: cannot add state outputs")
-    output.args = (tuple(values) + (slot.output,),)
+    output.args = (tuple(values) + (node,),)
+
+
+def add_state(gm: fx.GraphModule, slot: StateSlot) -> None:
+    """Append ``slot.output`` to the graph's outputs and remember the slot on the graph."""
+    _add_output(gm, slot.output)
     gm.meta.setdefault("compile_sparse_state", []).append(slot)
+
+
+def add_buffers(gm: fx.GraphModule, slot: BufferSlot) -> None:
+    """Append ``slot.kept`` to the graph's outputs; the wrapper stores them into the buffers."""
+    for node in slot.kept:
+        _add_output(gm, node)
+    gm.meta.setdefault("compile_sparse_buffers", []).append(slot)
 
 
 def state_slots(gm: fx.GraphModule) -> list[StateSlot]:
     return gm.meta.get("compile_sparse_state", [])
+
+
+def buffer_slots(gm: fx.GraphModule) -> list[BufferSlot]:
+    return gm.meta.get("compile_sparse_buffers", [])
 
 
 def extend_example_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
@@ -115,40 +150,71 @@ class ModelCache:
 @dataclass
 class BackendState:
     """Everything the backend keeps between compiles and calls: KV state per cache tensor
-    (``store``), pruning plans (``plans``) and N:M calibration norms (``norms``) per model."""
+    (``store``), pruning plans (``plans``) and N:M calibration norms (``norms``) per model, and
+    what it has warned about."""
 
     store: StateStore = field(default_factory=StateStore)
     plans: ModelCache = field(default_factory=ModelCache)
     norms: ModelCache = field(default_factory=ModelCache)
+    warned: set = field(default_factory=set)  # the causes already warned about (once each)
+    graph_breaks: set = field(default_factory=set)  # Dynamo's graph-break reasons already seen
+    watching_recompiles: bool = False  # the recompile-limit warning is installed
 
 
 STATE = BackendState()
 
+_RESIZABLE: dict[int, weakref.ref] = {}  # cache buffers the backend may give a new size, by identity
+
+
+def allow_resize(tensor: torch.Tensor) -> None:
+    """Let the backend resize this cache buffer (a SparseStaticCache's, compile_sparse.cache)."""
+    key = id(tensor)
+    _RESIZABLE[key] = weakref.ref(tensor, lambda _, key=key: _RESIZABLE.pop(key, None))
+
+
+def is_resizable(tensor: torch.Tensor) -> bool:
+    ref = _RESIZABLE.get(id(tensor))
+    return ref is not None and ref() is tensor
+
 
 def with_state(fn: Callable, gm: fx.GraphModule, store: StateStore) -> Callable:
-    """Wrap a compiled ``fn`` of ``gm``: feed it the stored state, store what it returns, and hand
-    the caller only the graph's original outputs. ``fn`` itself when the graph has no state."""
-    slots = state_slots(gm)
-    if not slots:
+    """Wrap a compiled ``fn`` of ``gm``: feed it the stored state, store the tokens it keeps into
+    the cache buffers passed in, store the state it returns, and hand the caller only the graph's
+    original outputs. ``fn`` itself when the graph has no state."""
+    slots, buffers = state_slots(gm), buffer_slots(gm)
+    if not slots and not buffers:
         return fn
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    outputs = list(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
-    num_user_outputs = len(outputs) - len(slots)
-    inputs = [(s.name, placeholders.index(s.owner_input)) for s in slots if s.input is not None]
-    owners = [outputs.index(s.owner_output) for s in slots]
+    outputs = list(output_node(gm.graph).args[0])
+    num_user_outputs = len(outputs) - len(slots) - sum(len(b.kept) for b in buffers)
+    inputs = [(s, placeholders.index(s.owner_input)) for s in slots if s.input is not None]
+    owners = [(outputs.index(s.owner_output), True) if s.owner_output is not None
+              else (placeholders.index(s.owner_input), False) for s in slots]
+    state_outputs = [outputs.index(s.output) for s in slots]
+    stores = [(b, [placeholders.index(n) for n in b.buffers], [outputs.index(n) for n in b.kept], slots.index(b.slot))
+              for b in buffers]
 
     def run(*args: Any) -> Any:
         extra = []
-        for name, owner_index in inputs:
+        for slot, owner_index in inputs:
             state = store.get(args[owner_index])
+            if state is None and slot.default is not None:
+                state = slot.default(args[owner_index])
             if state is None:
-                raise RuntimeError(f"no {name} for the KV cache passed in: that cache was not produced by this "
+                raise RuntimeError(f"no {slot.name} for the KV cache passed in: that cache was not produced by this "
                                    "backend's eviction. Prefill through the compiled model first (a new prefill "
                                    "starts fresh state).")
             extra.append(state)
-        results = fn(*args, *extra)
-        for owner_index, state in zip(owners, results[num_user_outputs:]):
-            store.put(results[owner_index], state)
-        return results[:num_user_outputs]
+        for slot, *_ in stores:
+            if slot.before is not None:
+                slot.before(args)
+        results = list(fn(*args, *extra))
+        for slot, buffer_index, kept_index, state_index in stores:
+            position = state_outputs[state_index]
+            results[position] = slot.store([args[i] for i in buffer_index], [results[i] for i in kept_index],
+                                           results[position])
+        for (index, is_output), position in zip(owners, state_outputs):
+            store.put(results[index] if is_output else args[index], results[position])
+        return tuple(results[:num_user_outputs])
 
     return run

@@ -77,38 +77,36 @@ PREFILL_REFERENCE = {
 }
 
 
-# method -> one decode step: (state, probs of the new query over the past + new token (B, H, P + 1),
-# group) -> (scores (B, Hkv, P + 1), new state); state None on the first step after the prefill
-# (then it comes from DECODE_START). The token with the lowest score outside the protected window goes.
-def _accumulate(per_query):
+# The decode rule, per method with one: the new token takes the slot of the lowest score of the
+# previous call (its "priority"); then the new query's attention (B, H, P) over the slots, in slot
+# order, gives the new scores. method -> (start, step, window):
+#   start(prefill probs (B, H, T, T), group) -> the method's state of every prompt token, or None;
+#   step(state (of the slots, the new token's reset to 0), probs, group) -> (scores (B, Hkv, P), state);
+#   window: the newest tokens (by position) that are never evicted. StreamingLLM's step is None: its
+#   scores are positions, the first 4 above all.
+def _start(per_query):
+    def start(probs, group):
+        b, h, t, _ = probs.shape
+        total = per_query(probs).sum(2).view(b, h // group, group, t).sum(2)  # (B, Hkv, T)
+        count = torch.arange(t, 0, -1).float() * group
+        return [total, count.expand_as(total).clone()]
+    return start
+
+
+def _step(per_query):
     def step(state, probs, group):
         total, count = state
         b, h, t = probs.shape
-        total = F.pad(total, (0, 1)) + per_query(probs).view(b, h // group, group, t).sum(2)
-        count = F.pad(count, (0, 1)) + group
-        return total / count, (total, count)
+        total = total + per_query(probs[:, :, None])[:, :, 0].view(b, h // group, group, t).sum(2)
+        count = count + group
+        return total / count, [total, count]
     return step
 
 
-DECODE_START = {  # method -> (eager prefill probs (B, H, T, T), group) -> state after the prefill
-    "h2o": lambda probs, group: _start(probs, group, lambda p: p),
-    "hitkv": lambda probs, group: _start(probs, group, lambda p: _hits(p, 4)),
-    "tova": lambda probs, group: None,
-    "streaming_llm": lambda probs, group: None,
+DECODE = {
+    "h2o": (_start(lambda p: p), _step(lambda p: p), 4),
+    "hitkv": (_start(lambda p: _hits(p, 4)), _step(lambda p: _hits(p, 4)), 4),
+    "tova": (lambda probs, group: None,
+             lambda state, probs, group: (probs.mean(1)[:, None].expand(-1, probs.shape[1] // group, -1).clone(), None), 0),
+    "streaming_llm": (lambda probs, group: None, None, 0),
 }
-
-
-def _start(probs, group, per_query):
-    b, h, t, _ = probs.shape
-    total = per_query(probs).sum(2).view(b, h // group, group, t).sum(2)  # (B, Hkv, T)
-    count = torch.arange(t, 0, -1).float() * group
-    return total, count.expand_as(total).clone()
-
-
-DECODE_STEP = {
-    "h2o": _accumulate(lambda p: p),
-    "hitkv": _accumulate(lambda p: _hits(p[:, :, None], 4)[:, :, 0]),
-    "tova": lambda state, probs, group: (_per_kv_head(probs.mean(1, keepdim=True).expand_as(probs), group), None),
-    "streaming_llm": None,  # positions: the oldest token after the sinks goes (see DECODE_WINDOW)
-}
-DECODE_WINDOW = {"h2o": 4, "hitkv": 4, "tova": 0, "streaming_llm": 0}  # newest tokens never evicted

@@ -161,7 +161,7 @@ def test_pass_manager_runs_passes_counts_rewrites_and_dumps(toy_passes, tmp_path
     report = compile_sparse.explain(model, input_ids=ids, options={"tokens": {"method": "scale_output", "factor": 1.0}})
     assert report.passes == [{"method": "scale_output", "family": "tokens", "rewrites": {"scaled": 2},
                               "sites": {"layer 0 attention": "output x 1.0", "layer 1 attention": "output x 1.0"},
-                              "kv_cache_bytes": {}, "params": {}}]
+                              "kv_cache_bytes": {}, "params": {}, "refused": {}}]
     assert "pass tokens:scale_output: scaled: 2" in str(report)
     with torch.no_grad():
         ref = model(ids).logits

@@ -26,7 +26,7 @@ def test_inspect_bad_options_exit_2_with_the_valid_keys(capsys):
     listed = capsys.readouterr().err.split("available kv methods: ")[1].strip().split(", ")
     assert listed == sorted(METHODS["kv"])  # every registered name
     assert main(["inspect", "tiny-llama", "--options", '{"prune2": 1}']) == 2
-    assert "valid keys: prune, tokens, kv, recipe, lowering, kernels, debug_dir" in capsys.readouterr().err
+    assert "valid keys: prune, tokens, kv, recipe, lowering, kernels, strict, debug_dir" in capsys.readouterr().err
 
 
 def test_inspect_unknown_model_names_the_zoo(capsys):
@@ -48,14 +48,18 @@ def test_inspect_with_kv_eviction_shows_what_the_cache_keeps(capsys):
 
 def test_bench_times_dense_and_sparse_and_writes_the_json_fields(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    options = '{"kv": {"method": "streaming_llm", "compression_ratio": 0.5, "decode": true}}'
-    assert main(["bench", "tiny-llama", "--context", "64", "--runs", "1", "--options", options, "--json", str(out)]) == 0
+    options = '{"kv": {"method": "streaming_llm", "compression_ratio": 0.5}, "lowering": "eager"}'
+    argv = ["bench", "tiny-llama", "--context", "64", "--runs", "3", "--options", options, "--json", str(out)]
+    assert main(argv + ["--compile-time"]) == 0
     data = json.loads(out.read_text())
-    assert (data["model"], data["context"], data["batch"]) == ("tiny-llama", 64, 1)
-    assert data["kv_bytes_sparse"] * 2 == data["kv_bytes_dense"]  # 32 of 64 tokens per layer
-    for phase, keys in (("prefill", {"dense_ms", "sparse_ms", "speedup"}),
-                        ("decode", {"dense_ms", "sparse_ms", "ideal_ms", "speedup"})):
-        assert set(data[phase]) == keys and all(v > 0 for v in data[phase].values())
+    assert (data["model"], data["context"], data["batch"], data["rounds"]) == ("tiny-llama", 64, 1, 3)
+    assert data["kv_bytes_sparse"] * 2 == data["kv_bytes_dense"]  # 32 of 64 tokens per layer, measured
+    for phase, sides in (("prefill", ("dense", "sparse")), ("decode", ("dense", "ideal", "sparse"))):
+        assert all(data[phase][f"{side}_ms"] > 0 and data[phase]["spread"][side] >= 0 for side in sides)
+    assert data["decode"]["vs_ideal"] == data["decode"]["sparse_ms"] / data["decode"]["ideal_ms"]
+    for cache in ("cold", "warm"):
+        assert all(data["compile_s"][cache][side][phase] > 0 for side in ("dense", "sparse")
+                   for phase in ("prefill", "decode"))
     assert "decode step" in capsys.readouterr().out
 
 

@@ -293,8 +293,8 @@ def test_kv_passes_score_with_the_key_score_kernel(method, params, monkeypatch):
         torch.compiler.reset()
         out = prefill(model, {**options, "kernels": "interpret"}, input_ids)
         interpreted = True
-    # per layer: once on the example (fake) tensors while the pass rewrites, once on the real ones
-    assert calls == [interpreted] * 4
+    # once per layer, on the real tensors (the prefill op's fake implementation gives the shapes at compile time)
+    assert calls == [interpreted] * 2
     for ours, theirs in zip(out.past_key_values.layers, reference.past_key_values.layers):
         assert ours.keys.shape[-2] == theirs.keys.shape[-2] == 20
         torch.testing.assert_close(ours.keys.cpu(), theirs.keys, atol=1e-5, rtol=1e-5)  # the same tokens kept

@@ -13,9 +13,10 @@ from compile_sparse.backend import sparse_backend
 from compile_sparse.passes.kv import scoring
 from compile_sparse.passes.kv.budgets import uniform_budget
 from compile_sparse.passes.registry import build
+from compile_sparse.state import STATE
 
 from .helpers import compiled_generate_matches
-from .methods import DECODE_START, DECODE_STEP, DECODE_WINDOW, PREFILL_REFERENCE, kv_options as kv, names
+from .methods import DECODE, PREFILL_REFERENCE, kv_options as kv, names
 
 METHODS = names("kv")
 DECODE_METHODS = names("kv", SUPPORTS_DECODE=True)
@@ -32,10 +33,16 @@ def prefill_cache(model, input_ids, options):
         return compiled(input_ids=input_ids, use_cache=True).past_key_values, compiled
 
 
+def real_slots(layer):
+    """Slots holding a token, per row and KV head (B, Hkv): from the state the backend keeps."""
+    return (STATE.store.get(layer.keys)[..., 0] >= 0).sum(-1)
+
+
 def expected_budget(method, layer, num_layers, length, ratio):
     """The method's own budget (PyramidKV's ramp), which for uniform methods must be the floor of
     the exact product (checked against plain arithmetic)."""
-    budget = build("kv", method, kv(method, ratio)).budget(layer, num_layers, length)
+    params = {k: v for k, v in kv(method, ratio).items() if k != "method"}
+    budget = build("kv", method, params).budget(layer, num_layers, length)
     if method not in ("pyramidkv",):
         assert budget == max(1, math.floor(round(length * (1 - ratio), 9)))
     return budget
@@ -65,11 +72,14 @@ def test_prefill_leaves_exactly_the_budget_in_every_layer(model_name, method, ra
     model, _ = models.load(model_name)
     cache, _ = prefill_cache(model, ids(), {"kv": kv(method, ratio), "lowering": "eager"})
     num_layers = len(cache.layers)
-    lengths = [layer.keys.shape[-2] for layer in cache.layers]
-    assert lengths == [expected_budget(method, i, num_layers, T, ratio) for i in range(num_layers)]
-    assert [layer.values.shape[-2] for layer in cache.layers] == lengths
+    budgets = [expected_budget(method, i, num_layers, T, ratio) for i in range(num_layers)]
+    real = [int(real_slots(layer).min()) for layer in cache.layers]  # tokens held, per layer, every row and head
+    assert real == [int(real_slots(layer).max()) for layer in cache.layers] == budgets
+    # the tensors: the budget, or with per-layer budgets the widest (one attention mask serves every layer)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [max(budgets)] * num_layers
+    assert [layer.values.shape[-2] for layer in cache.layers] == [max(budgets)] * num_layers
     if method == "pyramidkv" and ratio == 0.5:
-        assert lengths[0] > lengths[-1] and sum(lengths) == num_layers * T // 2  # a pyramid, same total
+        assert budgets[0] > budgets[-1] and sum(budgets) == num_layers * T // 2  # a pyramid, same total
 
 
 def test_config_object_works_like_its_dict():
@@ -117,8 +127,8 @@ def test_kept_tokens_match_full_attention_reference(method, monkeypatch):
         budget = expected_budget(method, layer, 2, T, 0.5)
         index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
         gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])
-        torch.testing.assert_close(kept.keys, dense_layer.keys.gather(2, gather))
-        torch.testing.assert_close(kept.values, dense_layer.values.gather(2, gather))
+        torch.testing.assert_close(kept.keys[:, :, :budget], dense_layer.keys.gather(2, gather))
+        torch.testing.assert_close(kept.values[:, :, :budget], dense_layer.values.gather(2, gather))
 
 
 def test_streaming_llm_keeps_sinks_and_the_most_recent_tokens():
@@ -182,43 +192,54 @@ def test_prompt_only_methods_let_the_cache_grow_in_decode(method):
     assert [layer.keys.shape[-2] for layer in cache.layers] == [n + 1 for n in before]
 
 
-def _evict(layer, scores, budget, state=None):
-    """Keep the ``budget`` highest scores of one layer (in cache order): keys, values and state."""
-    index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
-    gather = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-    layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-    return None if state is None else tuple(x.gather(2, index) for x in state)
+def _gather(tensor, index):
+    return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
 def _decode_reference(method, model, prompt, steps):
-    """Plain torch over the eager model's attention: the prefill keeps the budget by the method's
-    reference scores; every decode step adds the new token and evicts the one with the lowest
-    score outside the newest DECODE_WINDOW tokens. Returns the final keys per layer."""
+    """Plain torch over the eager model's attention. The prefill keeps the budget by the method's
+    reference scores. Each decode step drops the slot with the lowest score of the previous call,
+    runs the model over the other slots and the new token, and puts the new token in the freed
+    slot; its query's attention then gives the new scores. Returns the final keys per layer."""
     budget = T // 4
+    start, step_rule, window = DECODE[method]
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, output_attentions=True)
-    cache = out.past_key_values
-    states = []
+    cache, layers = out.past_key_values, []
     for probs, layer in zip(out.attentions, cache.layers):
-        state = DECODE_START[method](probs, group)
-        states.append(_evict(layer, PREFILL_REFERENCE[method](probs, layer.keys, group), budget, state))
+        scores = PREFILL_REFERENCE[method](probs, layer.keys, group)
+        index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K), in position order
+        state = start(probs, group)
+        layer.keys, layer.values = _gather(layer.keys, index), _gather(layer.values, index)
+        layers.append({"priority": scores.gather(2, index), "positions": index.float(),
+                       "state": None if state is None else [x.gather(2, index) for x in state]})
+    slot = torch.arange(budget)
     for step in range(steps):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        victims = []
+        for layer, kept in zip(cache.layers, layers):
+            victim = kept["priority"].argmin(dim=-1, keepdim=True)  # (B, Hkv, 1)
+            others = (slot + (slot == victim) * budget).argsort(dim=-1)[..., :-1]  # every slot but the victim
+            layer.keys, layer.values = _gather(layer.keys, others), _gather(layer.values, others)
+            victims.append(victim)
         with torch.no_grad():
             out = model(input_ids=token, past_key_values=cache, position_ids=torch.full((prompt.shape[0], 1), T + step),
                         use_cache=True, output_attentions=True)
-        for i, (probs, layer) in enumerate(zip(out.attentions, cache.layers)):  # probs (B, H, 1, P + 1)
-            length = layer.keys.shape[2]
-            if DECODE_STEP[method] is None:  # StreamingLLM: the oldest token after the 4 sinks goes
-                scores = torch.arange(length).float().expand(*layer.keys.shape[:2], -1).clone()
-                scores[..., :4] = float("inf")
+        for probs, layer, kept, victim in zip(out.attentions, cache.layers, layers, victims):
+            # slot s holds: the new token (last in the model's cache) at the victim, the others in order
+            perm = torch.where(slot < victim, slot, torch.where(slot == victim, budget - 1, slot - 1))  # (B, Hkv, K)
+            layer.keys, layer.values = _gather(layer.keys, perm), _gather(layer.values, perm)
+            probs = probs[:, :, 0].gather(-1, perm.repeat_interleave(group, dim=1))  # (B, H, K) in slot order
+            positions = kept["positions"].scatter(2, victim, float(T + step))
+            if step_rule is None:  # StreamingLLM: positions, the 4 sinks above everything
+                scores = torch.where(positions < 4, float("inf"), positions)
             else:
-                scores, states[i] = DECODE_STEP[method](states[i], probs[:, :, 0], group)
-            window = DECODE_WINDOW[method]
+                state = None if kept["state"] is None else [x.scatter(2, victim, 0.0) for x in kept["state"]]
+                scores, kept["state"] = step_rule(state, probs, group)
             if window:
-                scores[..., -window:] = float("inf")
-            states[i] = _evict(layer, scores, budget, states[i])
+                scores = torch.where(positions > T + step - window, float("inf"), scores)
+            kept["priority"], kept["positions"] = scores, positions
     return [layer.keys for layer in cache.layers]
 
 
@@ -284,13 +305,6 @@ def test_without_a_cache_nothing_is_evicted_and_explain_says_so():
     report = compile_sparse.explain(models.tiny_llama(), input_ids=ids(), use_cache=False, options={"kv": "h2o"})
     assert report.passes[0]["rewrites"] == {}
     assert "nothing to evict" in report.passes[0]["sites"]["graph"]
-
-
-def test_static_cache_is_refused_with_the_reason():
-    model = models.tiny_llama()
-    with pytest.raises(compile_sparse.PassError, match="StaticCache"):
-        compile_sparse.explain(model.generate, ids(), max_new_tokens=2, do_sample=False, pad_token_id=0,
-                               cache_implementation="static", options={"kv": kv("h2o", 0.5)})
 
 
 @pytest.mark.parametrize("options, message", [

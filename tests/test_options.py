@@ -54,7 +54,7 @@ def test_recipe_parameters_merge_with_explicit_ones():
 
 def test_unknown_key_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown option key\(s\) 'tokenz'; valid keys: prune, tokens, kv, recipe, "
-                                         r"lowering, kernels, debug_dir"):
+                                         r"lowering, kernels, strict, debug_dir"):
         parse_options({"tokenz": "lazyllm"})
 
 

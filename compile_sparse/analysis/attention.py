@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from ..reference import mask_allows
 from .ops import (BOUNDARY, MATMUL, MAX_SEARCH, arg_of, example_value, is_parameter, layer_index, module_path, op_name,
                   shape_of, static_size, tensor_inputs)
 from .sites import AnalysisError, AttentionSite, CacheSlot, LinearOp, as_linear
@@ -25,6 +26,18 @@ def _is_empty_cache(node: fx.Node) -> bool:
 
 def _is_cache_tensor(node: fx.Node) -> bool:
     return (node.op == "placeholder" and not is_parameter(node)) or _is_empty_cache(node)
+
+
+def _window_slice(cat: fx.Node, dim: int, outputs: set[fx.Node]) -> fx.Node | None:
+    """The graph output that keeps the last tokens of ``cat`` along ``dim`` (``cat[:, :, -w:]``), if any."""
+    for user in cat.users:
+        if op_name(user) != "getitem" or user not in outputs or not isinstance(user.args[1], tuple):
+            continue
+        index = user.args[1]
+        if len(index) > dim and isinstance(index[dim], slice) and isinstance(index[dim].start, int) \
+                and index[dim].start < 0 and index[dim].stop is None:
+            return user
+    return None
 
 
 def _index_copy_into(node: fx.Node) -> fx.Node | None:
@@ -64,9 +77,12 @@ def _trace_projection(start: fx.Node, outputs: set[fx.Node]) -> _Trace:
             past = [p for p in parts if isinstance(p, fx.Node) and _is_cache_tensor(p)]
             if past:
                 rank = len(shape_of(node) or ()) or 4
-                dim = arg_of(node, 1, "dim", 0)
-                out = node if node in outputs else None
-                cache = CacheSlot("concat", past[0], node, out, dim % rank)
+                dim = arg_of(node, 1, "dim", 0) % rank
+                kind, out = "concat", node if node in outputs else None
+                window = _window_slice(node, dim, outputs)
+                if out is None and window is not None:  # HF's DynamicSlidingWindowLayer keeps the last tokens
+                    kind, out = "sliding", window
+                cache = CacheSlot(kind, past[0], node, out, dim)
                 nexts = [p for p in parts if isinstance(p, fx.Node) and p is not past[0]]
         if _is_cache_tensor(node) and cache is None:
             write = _index_copy_into(node)
@@ -146,16 +162,6 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, example_inputs: Sequence[Any]
         log.debug("mask %s not evaluated: %s", target.name, err)
         return None
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _allowed(mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Boolean 'may attend' from a mask used as ``how``: "bool_keep" (True = attend),
-    "bool_block" (True = blocked) or "additive" (large negative = blocked)."""
-    if how == "bool_keep":
-        return mask.bool() if mask.dtype == torch.bool else mask > -1e3
-    if how == "bool_block":
-        return ~mask.bool()
-    return mask > -1e3
 
 
 def _is_causal_mask(allowed: torch.Tensor, q_len: int, kv_len: int) -> bool | None:
@@ -264,7 +270,7 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
     if causal is None and isinstance(mask, fx.Node) and isinstance(q_len, int) and isinstance(kv_len, int):
         value = _evaluate(gm, mask, example_inputs)
         if value is not None:
-            causal = _is_causal_mask(_allowed(value, how), q_len, kv_len)
+            causal = _is_causal_mask(mask_allows(value, how), q_len, kv_len)
     if causal is None and mask is None and not flag_causal and isinstance(q_len, int) and q_len > 1:
         causal = False
     if causal is None and k_cache is not None:
@@ -281,6 +287,7 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
         q=traces["q"].linear, k=traces["k"].linear, v=traces["v"].linear, o=o, qkv_fused=fused,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
         q_len=q_len, kv_len=kv_len, seq_axis=len(k_shape) - 2,
-        mask=mask if isinstance(mask, fx.Node) else None, query=q, key=k, scale=scale, k_cache=k_cache, v_cache=v_cache,
+        mask=mask if isinstance(mask, fx.Node) else None, mask_how=how if isinstance(mask, fx.Node) else None,
+        output=out_node, query=q, key=k, scale=scale, k_cache=k_cache, v_cache=v_cache,
     )
 

@@ -58,11 +58,13 @@ def as_linear(node: Any) -> LinearOp | None:
 class CacheSlot:
     """Where one of K or V meets the KV cache.
 
-    ``kind`` is "concat" (DynamicCache: ``torch.cat([past, new], dim=seq_axis)``) or "index_copy"
-    (StaticCache: ``past.index_copy_(seq_axis, positions, new)``). ``input`` is the past tensor (a
-    placeholder, or the node that creates an empty cache on the first call), ``update`` the op that
-    appends, ``output`` the graph output that hands the updated cache back (for "concat", the cat;
-    for "index_copy", the cache itself when the graph returns it, else None: updated in place).
+    ``kind`` is "concat" (DynamicCache: ``torch.cat([past, new], dim=seq_axis)``), "sliding" (HF's
+    DynamicSlidingWindowLayer: the same cat, of which the graph hands back only the last tokens) or
+    "index_copy" (StaticCache: ``past.index_copy_(seq_axis, positions, new)``). ``input`` is the
+    past tensor (a placeholder, or the node that creates an empty cache on the first call),
+    ``update`` the op that appends, ``output`` the graph output that hands the updated cache back
+    (for "concat", the cat; for "sliding", the slice of it; for "index_copy", the cache itself
+    when the graph returns it, else None: updated in place).
     """
 
     kind: str
@@ -70,6 +72,16 @@ class CacheSlot:
     update: fx.Node
     output: fx.Node | None
     seq_axis: int
+
+    @property
+    def new(self) -> fx.Node:
+        """This call's new tokens (keys or values) as the update receives them: (B, Hkv, n, D)."""
+        return self.update.args[0][1] if self.kind in ("concat", "sliding") else self.update.args[3]
+
+    @property
+    def prefill(self) -> bool:
+        """The cache starts empty in this graph (created here, not passed in)."""
+        return self.input.op != "placeholder"
 
 
 @dataclass
@@ -98,6 +110,8 @@ class AttentionSite:
     kv_len: int | str
     seq_axis: int
     mask: fx.Node | None
+    mask_how: str | None  # how the mask applies: "bool_keep" (True attends), "bool_block" or "additive"
+    output: fx.Node  # the node whose value is the attention output (B, num_heads, q_len, head_dim)
     query: fx.Node  # q at the attention op, (B, num_heads, q_len, head_dim)
     key: fx.Node  # k at the attention op: (B, heads, kv_len, head_dim); (B, heads, head_dim, kv_len) in the matmul form
     scale: float  # the softmax scale: SDPA's scale argument, else 1 / sqrt(head_dim)

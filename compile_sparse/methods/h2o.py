@@ -27,6 +27,7 @@ class H2OConfig(KVConfig):
 
     SUPPORTS_DECODE: ClassVar[bool] = True
     STATE_SIZE: ClassVar[int] = 2
+    OBSERVES: ClassVar[str] = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,4 +37,4 @@ class H2OConfig(KVConfig):
         """Mean attention received: (B, Hkv, T); state (B, Hkv, T, 2) = [attention sum, queries seen by]."""
         state = accumulate(inputs)  # summed attention probabilities
         scores = state[..., 0] / state[..., 1].clamp(min=1)
-        return protect_recent(scores, self.recent_window), state
+        return protect_recent(scores, inputs.positions, self.recent_window), state

@@ -51,6 +51,7 @@ class HitKVConfig(KVConfig):
 
     SUPPORTS_DECODE: ClassVar[bool] = True
     STATE_SIZE: ClassVar[int] = 2
+    OBSERVES: ClassVar[str] = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,8 +64,11 @@ class HitKVConfig(KVConfig):
             return super().budget(layer, num_layers, length)
         return pyramid_budget(layer, num_layers, length, self.compression_ratio, self.recent_window, self.beta)
 
+    def per_query(self, probs: torch.Tensor) -> torch.Tensor:
+        return top_k_hits(probs, self.top_k)
+
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Hit rate: (B, Hkv, T); state (B, Hkv, T, 2) = [hits, (query, head) pairs that saw the key]."""
-        state = accumulate(inputs, lambda probs: top_k_hits(probs, self.top_k))
+        state = accumulate(inputs, self.per_query)
         scores = state[..., 0] / state[..., 1].clamp(min=1)
-        return protect_recent(scores, self.recent_window), state
+        return protect_recent(scores, inputs.positions, self.recent_window), state

@@ -46,6 +46,7 @@ class LazyLLMConfig(TokenConfig):
         else:
             seen_by = torch.arange(length, 0, -1, device=inputs.key.device)  # (S,): queries at or after each key
             scores = attention_rows(inputs, 0, length).sum(dim=(0, 2))[None] / seen_by  # (1, H, S)
-        scores = protect_recent(pool_scores(scores, self.kernel_size).sum(dim=1)[0], window)  # (S,): pooled per head
+        positions = torch.arange(length, device=scores.device, dtype=torch.float32)  # (S,)
+        scores = protect_recent(pool_scores(scores, self.kernel_size).sum(dim=1)[0], positions, window)  # (S,)
         index = scores.topk(kept).indices.sort().values  # (K,), in sequence order
         return index, None, inputs.sizes[index]

@@ -17,7 +17,7 @@ from ..calibration import calibrate
 from ..checks import check_choice, check_int
 from ..passes.context import PassContext
 from ..passes.registry import register, register_pass
-from ..passes.toolkit import add_buffer, out_in, weight_value
+from ..passes.toolkit import add_buffer, out_in, remove_dead_code, weight_value
 from ..report import PassResult
 
 NM_CRITERIA = ("wanda", "magnitude")
@@ -105,6 +105,6 @@ def nm_sparsity_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSpar
         after += int((masked != 0).sum())
         result.rewrites["linear"] += 1
         result.sites[label] = f"{config.n}:{config.m}, {1 - config.n / config.m:.0%} of {weight.numel():,} weights zero"
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm)
     result.params = {"before": before, "after": after}
     return result

@@ -5,6 +5,7 @@ pooled over neighbouring tokens (``kernel_size``); the window itself is always k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,8 @@ class SnapKVConfig(KVConfig):
     window_size: int = 64
     kernel_size: int = 5
 
+    OBSERVES: ClassVar[str] = "window"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "window_size")
@@ -29,5 +32,5 @@ class SnapKVConfig(KVConfig):
 
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, None]:
         """Pooled window attention with the window protected: (B, Hkv, T)."""
-        scores = pool_scores(window_scores(inputs, self.window_size), self.kernel_size)
-        return protect_recent(scores, min(self.window_size, inputs.query.shape[2])), None
+        scores = pool_scores(window_scores(inputs, self.window_size), self.kernel_size, inputs.valid)
+        return protect_recent(scores, inputs.positions, min(self.window_size, inputs.query.shape[2])), None

@@ -28,8 +28,7 @@ class StreamingLLMConfig(KVConfig):
         check_int(self, "n_sink")
 
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, None]:
-        """Score = position in the cache (the cache is kept in order), sinks above everything."""
-        b, hkv, length, _ = inputs.keys.shape
-        position = torch.arange(length, device=inputs.keys.device, dtype=torch.float32)  # (T,)
-        scores = torch.where(position < self.n_sink, float(length), position)
-        return scores.expand(b, hkv, length), None
+        """Score = true position (newer is kept), the first ``n_sink`` positions above everything."""
+        positions = inputs.positions
+        top = positions.amax(dim=-1, keepdim=True) + 1  # (B, Hkv, 1)
+        return torch.where((positions < self.n_sink) & (positions >= 0), top, positions), None

@@ -1,6 +1,6 @@
 """TOVA (Oren et al., 2024, arXiv:2401.06104): the current query's attention, averaged over all
 heads, decides: at prefill the last prompt token's, at every decode step the new token's. No
-state: each step looks only at the current query."""
+state beyond the scores themselves: each step looks only at the current query."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class TOVAConfig(KVConfig):
     decode: bool = True
 
     SUPPORTS_DECODE: ClassVar[bool] = True
+    OBSERVES: ClassVar[str] = "window"
 
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, None]:
         """Score = attention of the last query, mean over every head: (B, Hkv, T), the same per KV head."""

@@ -12,8 +12,10 @@ from ..state import BackendState
 class PassContext:
     """``example_inputs``: the real tensors the graph's placeholders stand for (parameters
     included); ``state``: what the backend keeps across compiles and calls (KV state, pruning
-    plans, calibration norms); ``kernels``: options["kernels"] ("auto" or "interpret")."""
+    plans, calibration norms); ``kernels``: options["kernels"] ("auto" or "interpret");
+    ``strict``: options["strict"]."""
 
     example_inputs: Sequence[Any]
     state: BackendState
     kernels: str = "auto"
+    strict: bool = False

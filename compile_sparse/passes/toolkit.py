@@ -125,3 +125,18 @@ def inserting_after_all(graph: fx.Graph, nodes: Sequence[Any]):
 
 def output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An in-place call (``x.add_(1)``, ``x.index_copy_(...)``): FX's own dead-code elimination
+    drops such a call_method when nothing reads its result."""
+    name = op_name(node)
+    return name.endswith("_") and not name.endswith("__")
+
+
+def remove_dead_code(gm: fx.GraphModule) -> None:
+    """``eliminate_dead_code`` that keeps in-place calls (a StaticCache's index_copy_, its counter's
+    add_): they act through their inputs, not their results."""
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and not node.is_impure() and not _mutates(node) and node.op != "output":
+            gm.graph.erase_node(node)

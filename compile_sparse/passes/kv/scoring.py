@@ -3,8 +3,9 @@ code runs inside the compiled graph).
 
 A method is a ``KVConfig`` subclass registered with ``@register("kv", name)`` that writes
 ``score(inputs)``: one score per cached token and KV head (higher is kept) and, for methods whose
-scores persist across decode steps, the new state. ``compile_sparse.passes.kv.evict`` keeps the
-top ``budget`` tokens per sequence and KV head; ``rewrite`` puts that into the graph.
+scores persist across calls, the new state. Scorers read tokens by their true positions, never by
+their index in the cache: after a decode step writes into a freed slot, the cache is not in
+position order, and in a left-padded batch the first positions of a row are padding.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ...checks import check_bool, check_fraction
 from ...codegen import ops
-from ...reference import causal_visibility, grouped_probs
+from ...reference import grouped_probs
 from .budgets import uniform_budget
 
 SCORE_CHUNK = 256  # queries per chunk when scoring against all keys: at most (B, H, 256, T) at once
@@ -27,23 +28,56 @@ SCORE_CHUNK = 256  # queries per chunk when scoring against all keys: at most (B
 class ScoreInputs:
     """What a scorer sees at one attention site.
 
-    query: (B, H, n, D), the n new tokens' queries after RoPE. keys: (B, Hkv, P + n, D), the past
-    cache then the new keys. state: (B, Hkv, P, STATE_SIZE) kept from earlier calls (None on a
-    prefill or for stateless methods). kernels: options["kernels"] ("auto": Triton on CUDA,
-    "interpret": Triton's interpreter on CPU too).
+    query: (B, H, n, D), the n new tokens' queries after RoPE. keys: (B, Hkv, T, D), every token
+    the cache holds once this call's tokens are in (a prefill: the prompt, in order; a decode step:
+    the cache slots, the new token in the slot it took). positions: (B, Hkv, T) fp32, each token's
+    true position in its sequence, -1 for padding or an empty slot. query_positions: (B, n) fp32,
+    the new tokens' positions (-1: padding), non-decreasing. state: (B, Hkv, T, STATE_SIZE), the
+    method's state of every token (zero for tokens new in this call), None on a prefill. probs:
+    (B, Hkv, G, n, T), the new queries' attention when the graph computed it, else None. totals:
+    (B, Hkv, T), ``per_query`` summed over every new query when the attention computed it (the
+    fused prefill), else None. plain: the positions are 0..T-1 in order with no padding (the
+    Triton key-score kernel may be used). kernels: options["kernels"].
     """
 
     query: torch.Tensor
     keys: torch.Tensor
     scale: float
-    causal: bool
-    past_len: Any
-    state: torch.Tensor | None
+    positions: torch.Tensor
+    query_positions: torch.Tensor
+    state: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    totals: torch.Tensor | None = None
+    plain: bool = False
     kernels: str = "auto"
 
     @property
     def group_size(self) -> int:
         return self.query.shape[1] // self.keys.shape[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, Hkv, T): the real tokens."""
+        return self.positions >= 0
+
+    def rows(self, start: Any, stop: Any) -> torch.Tensor:
+        """Attention probabilities of the new queries [start, stop) over every token, fp32:
+        (B, Hkv, G, stop - start, T). A query sees the real tokens at or before its position;
+        padding queries have rows of zeros."""
+        if self.probs is not None:
+            return self.probs[:, :, :, start:stop]
+        q_pos = self.query_positions[:, start:stop]  # (B, c)
+        visible = (self.positions[:, :, None, :] <= q_pos[:, None, :, None]) & self.valid[:, :, None, :]  # (B, Hkv, c, T)
+        probs = grouped_probs(self.query[:, :, start:stop], self.keys, self.scale, visible)
+        return probs * (q_pos >= 0)[:, None, None, :, None]  # (B, Hkv, G, c, T)
+
+    def seen_by(self) -> torch.Tensor:
+        """How many real new queries see each token (B, Hkv, T) fp32: those at or after its position
+        (padding queries, at -1, come first and are never counted)."""
+        b, hkv, length = self.positions.shape
+        q_pos = self.query_positions.contiguous()  # (B, n), non-decreasing
+        earlier = torch.searchsorted(q_pos, self.positions.reshape(b, hkv * length))  # queries before each token
+        return (q_pos.shape[1] - earlier).view(b, hkv, length).float() * self.valid
 
 
 @dataclass
@@ -57,6 +91,9 @@ class KVConfig(ABC):
 
     SUPPORTS_DECODE: ClassVar[bool] = False  # the method has a rule for evicting while generating
     STATE_SIZE: ClassVar[int] = 0  # floats of state per cached token and KV head (0: stateless)
+    # What the scores read of the attention: "none" (keys and positions only), "window" (the rows
+    # of a few of the last queries) or "all" (every query's row: computed with the attention itself)
+    OBSERVES: ClassVar[str] = "none"
 
     def __post_init__(self) -> None:
         check_fraction(self, "compression_ratio")
@@ -67,15 +104,12 @@ class KVConfig(ABC):
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores (B, Hkv, P + n), higher is kept, and the new state (B, Hkv, P + n, STATE_SIZE) or None."""
+        """Scores (B, Hkv, T), higher is kept, and the new state (B, Hkv, T, STATE_SIZE) or None."""
 
-    def kept_tokens(self, prefill: bool, layer: int, num_layers: int, length: Any, past_len: Any) -> Any:
-        """Tokens a layer keeps of ``length`` cached ones after a call over ``past_len`` of them: the
-        prompt's budget on a prefill; in decode the cache stays at its size (at compression_ratio 0
-        it keeps everything)."""
-        if prefill:
-            return self.budget(layer, num_layers, length)
-        return past_len if self.compression_ratio > 0 else length
+    def per_query(self, probs: torch.Tensor) -> torch.Tensor:
+        """For methods that observe every query: what a chunk of attention rows (B, Hkv, G, c, T)
+        adds to each token's total (B, Hkv, T). The attention probabilities themselves by default."""
+        return probs.sum(dim=(2, 3))
 
     def budget(self, layer: int, num_layers: int, length: Any) -> Any:
         """Tokens a layer keeps of a ``length``-token prompt: max(1, floor(length * (1 - ratio)))."""
@@ -83,16 +117,8 @@ class KVConfig(ABC):
 
 
 def attention_probs(inputs: ScoreInputs, start: Any, stop: Any) -> torch.Tensor:
-    """Softmax attention of new queries [start, stop) over every cached key, in fp32, with the
-    causal mask aligned bottom-right (query i of n sees keys up to P + i): (B, Hkv, G, stop - start, P + n).
-    Keys no query of the chunk can see are not computed (their probability is 0)."""
-    length = inputs.keys.shape[2]
-    visible = inputs.past_len + stop if inputs.causal else length
-    mask = None
-    if inputs.causal:  # queries [start, stop) are positions P + start.. of the first `visible` keys
-        mask = causal_visibility(stop, visible, inputs.query.device, first_query=start)
-    probs = grouped_probs(inputs.query[:, :, start:stop], inputs.keys[:, :, :visible], inputs.scale, mask)
-    return torch.nn.functional.pad(probs, (0, length - visible))  # (B, Hkv, G, c, P + n)
+    """The new queries [start, stop)'s attention over every token: (B, Hkv, G, stop - start, T) fp32."""
+    return inputs.rows(start, stop)
 
 
 def query_chunks(n: Any) -> list[tuple[int, Any]]:
@@ -100,76 +126,73 @@ def query_chunks(n: Any) -> list[tuple[int, Any]]:
     return [(start, min(start + SCORE_CHUNK, n)) for start in range(0, n, SCORE_CHUNK)]
 
 
-def observers(inputs: ScoreInputs) -> torch.Tensor:
-    """How many of this call's queries see each cached key: (P + n,) in fp32."""
-    n, length = inputs.query.shape[2], inputs.keys.shape[2]
-    k_pos = torch.arange(length, device=inputs.keys.device, dtype=torch.float32)
-    if not inputs.causal:
-        return torch.full((length,), float(n), device=inputs.keys.device)
-    return (inputs.past_len + n - k_pos).clamp(min=0, max=n)  # key j is seen by queries P + i >= j
-
-
 def column_sums(inputs: ScoreInputs, start: Any) -> torch.Tensor:
-    """Attention each cached key gets from the new queries [start, n), summed over them and over
-    the group: (B, Hkv, P + n) fp32. On CUDA (or with options["kernels"] = "interpret") the Triton
-    key-score kernel computes it without a queries x keys matrix; on CPU, chunked torch code that
-    Inductor compiles."""
-    if inputs.query.is_cuda or inputs.kernels == "interpret":
-        return ops.attention_key_scores(inputs.query, inputs.keys, inputs.scale, inputs.causal, start,
+    """Attention each token gets from the new queries [start, n), summed over them and over the
+    group: (B, Hkv, T) fp32. On CUDA (or with options["kernels"] = "interpret"), for a plain
+    prompt, the Triton key-score kernel computes it without a queries x keys matrix."""
+    if inputs.plain and (inputs.query.is_cuda or inputs.kernels == "interpret"):
+        return ops.attention_key_scores(inputs.query, inputs.keys, inputs.scale, True, start,
                                         interpret=inputs.kernels == "interpret")
     return per_key_totals(inputs, start, lambda probs: probs.sum(dim=(2, 3)))
 
 
 def per_key_totals(inputs: ScoreInputs, start: Any, per_query: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``per_query`` of the attention probabilities of new queries [start, n), chunk by chunk,
-    summed: (B, Hkv, P + n) fp32."""
+    """``per_query`` of the attention of the new queries [start, n), chunk by chunk, summed: (B, Hkv, T) fp32."""
     b, hkv, length, _ = inputs.keys.shape
     total = inputs.keys.new_zeros((b, hkv, length), dtype=torch.float32)
     for first, stop in query_chunks(inputs.query.shape[2] - start):
-        total = total + per_query(attention_probs(inputs, start + first, start + stop))
+        total = total + per_query(inputs.rows(start + first, start + stop))
     return total
 
 
 def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Running (sum, count) per cached token and KV head: the state of H2O and HitKV.
+    """Running (sum, count) per token and KV head: the state of H2O and HitKV.
 
-    ``per_query`` maps attention probabilities (B, Hkv, G, c, T) to per-key amounts summed over
-    those queries and the group (B, Hkv, T); None sums the probabilities (``column_sums``).
-    Returns (B, Hkv, P + n, 2): [sum, queries seen by].
+    ``per_query`` maps attention rows (B, Hkv, G, c, T) to per-token amounts (B, Hkv, T); None sums
+    the probabilities (``column_sums``: the key-score kernel where it runs). The count is the
+    (query, head) pairs that could see the token. Returns (B, Hkv, T, 2).
     """
-    b, hkv, length, _ = inputs.keys.shape
-    total = column_sums(inputs, 0) if per_query is None else per_key_totals(inputs, 0, per_query)
-    count = observers(inputs) * inputs.group_size  # (P + n,)
-    new = torch.stack([total, count.expand(b, hkv, length)], dim=-1)  # (B, Hkv, P + n, 2)
+    if inputs.totals is not None:
+        total = inputs.totals
+    else:
+        total = column_sums(inputs, 0) if per_query is None else per_key_totals(inputs, 0, per_query)
+    new = torch.stack([total, inputs.seen_by() * inputs.group_size], dim=-1)  # (B, Hkv, T, 2)
     if inputs.state is None:
         return new
-    past = torch.nn.functional.pad(inputs.state, (0, 0, 0, length - inputs.state.shape[2]))  # (B, Hkv, P + n, 2)
-    return past + new
+    return torch.nn.functional.pad(inputs.state, (0, 0, 0, inputs.keys.shape[2] - inputs.state.shape[2])) + new
 
 
-def protect_recent(scores: torch.Tensor, window: int) -> torch.Tensor:
-    """Scores (B, Hkv, T) with the last ``window`` tokens raised above every other, newer above
-    older: they are kept first, and a budget smaller than the window keeps the newest."""
+def protect_recent(scores: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Scores (B, Hkv, T) with the newest ``window`` tokens (by position) raised above every other,
+    newer above older: they are kept first, and a budget smaller than the window keeps the newest."""
     if window == 0:
         return scores
-    length = scores.shape[-1]
-    position = torch.arange(length, device=scores.device, dtype=scores.dtype)  # (T,)
-    raised = scores.amax(dim=-1, keepdim=True) + 1 + position / length  # (B, Hkv, T)
-    return torch.where(position >= length - window, raised, scores)
+    newest = positions.amax(dim=-1, keepdim=True)  # (B, Hkv, 1)
+    raised = scores.amax(dim=-1, keepdim=True) + 1 + positions / (newest + 1)  # (B, Hkv, T)
+    return torch.where((positions > newest - window) & (positions >= 0), raised, scores)
 
 
-def pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Average each token's score with its neighbours (SnapKV's clustering): (B, Hkv, T) -> same."""
+def pool_scores(scores: torch.Tensor, kernel_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Average each token's score with its neighbours (SnapKV's clustering): (B, Hkv, T) -> same.
+    With ``valid`` (B, Hkv, T) the average is over the real neighbours only (padding is no neighbour)."""
     if kernel_size == 1:
         return scores
     b, h, t = scores.shape
-    pooled = torch.nn.functional.avg_pool1d(scores.reshape(b * h, 1, t), kernel_size, stride=1,
-                                            padding=kernel_size // 2, count_include_pad=False)  # (B*Hkv, 1, T)
-    return pooled.reshape(b, h, t)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool1d(x.reshape(b * h, 1, t), kernel_size, stride=1, padding=kernel_size // 2,
+                                              count_include_pad=False).reshape(b, h, t)  # (B, Hkv, T)
+
+    if valid is None:
+        return pool(scores)
+    real = valid.to(scores.dtype)
+    return pool(scores * real) / pool(real).clamp(min=1e-12)
 
 
 def window_scores(inputs: ScoreInputs, window: int) -> torch.Tensor:
-    """Mean attention the last ``window`` new queries pay each key, averaged over the group: (B, Hkv, P + n)."""
+    """Mean attention the last ``window`` new queries pay each token, averaged over the group and
+    over the real queries among them: (B, Hkv, T)."""
     n = inputs.query.shape[2]
-    seen = min(window, n)
-    return column_sums(inputs, n - seen) / (seen * inputs.group_size)
+    first = n - min(window, n)
+    real = (inputs.query_positions[:, first:] >= 0).sum(dim=-1).clamp(min=1)  # (B,)
+    return column_sums(inputs, first) / (real[:, None, None] * inputs.group_size)

@@ -28,7 +28,7 @@ from ...analysis.ops import op_name
 from ...plan import HeadPlan, MLPPlan, Plan, head_channels
 from ...report import PassResult
 from ..registry import method_of, register_pass
-from ..toolkit import add_buffer, apply_size_rewrites, size_rewrites, weight_name, weight_value
+from ..toolkit import add_buffer, apply_size_rewrites, remove_dead_code, size_rewrites, weight_name, weight_value
 from .config import StructuredPruneConfig
 from .plan_build import build_plan, head_refusal
 
@@ -104,7 +104,9 @@ def _apply_heads(gm: fx.GraphModule, inputs: Sequence[Any], site: AttentionSite,
 def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused: dict[str, str] | None = None) -> PassResult:
     """Slice this graph's sites as the plan says; sites the plan keeps whole are not touched. The
     parameters before and after are counted on the sites the analysis finds before and after."""
-    result = PassResult(plan.method, "prune", rewrites={"mlp": 0, "heads": 0}, sites=dict(refused or {}))
+    result = PassResult(plan.method, "prune", rewrites={"mlp": 0, "heads": 0})
+    for site, reason in (refused or {}).items():
+        result.refuse(site, reason)
     by_down = {m.weights["down"]: m for m in plan.mlp}
     by_o = {h.weights["o"]: h for h in plan.heads}
     for site in analysis.mlp:
@@ -138,7 +140,7 @@ def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused:
             f"kept {len(entry.keep_heads)} of {site.num_heads} query heads, "
             f"{len(entry.keep_kv_heads)} of {site.num_kv_heads} KV heads" + (" (+ compensation bias)" if entry.bias else ""))
     if result.rewrites["mlp"] or result.rewrites["heads"]:
-        gm.graph.eliminate_dead_code()
+        remove_dead_code(gm)
         gm.recompile()
         propagate_shapes(gm)
         pruned = analyze(gm, analysis.inputs)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ..._torch_internals import propagate_shapes
 from ...analysis import AttentionSite, GraphAnalysis, TokenAxes, example_value, is_parameter, token_axes
-from ...analysis.ops import layer_index, op_name, shape_of
+from ...analysis.ops import layer_index, op_name, shape_of, static_size
 from ...report import PassResult
 from ..registry import method_of, params_of, register_pass
 from ..toolkit import SIZE_OPS, apply_size_rewrites, size_args
@@ -37,7 +37,12 @@ from .select import TokenConfig, reduce_tokens, select_tokens, size_bias, weight
 
 
 class Refused(Exception):
-    """The graph cannot be reduced safely; the message says why (shown in explain)."""
+    """The graph cannot be reduced safely; the message says why (shown in explain, and warned about)."""
+
+
+class Inapplicable(Refused):
+    """A graph the method does not apply to: a decode step, a call over a past cache, a graph with
+    no attention (token reduction reduces prompts). Leaving it alone is what the method does: no warning."""
 
 
 @dataclass
@@ -84,7 +89,7 @@ def _plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: TokenConfig, caus
     """Check the graph and the schedule; returns the cuts, the token axes, the regions and the length."""
     sites = {s.layer: s for s in analysis.attention}
     if not sites:
-        raise Refused("no attention found in this graph")
+        raise Inapplicable("no attention found in this graph")
     for skipped in analysis.skipped:
         if skipped.kind == "attention":
             raise Refused(f"attention {skipped.node} was not understood ({skipped.reason}); a cut could miss it")
@@ -96,13 +101,15 @@ def _plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: TokenConfig, caus
     batch = shape_of(first.query)[0]
     for site in sites.values():
         if site.q_len != first.q_len or site.kv_len != first.q_len:
-            raise Refused(f"layer {site.layer} attends {site.q_len} queries to {site.kv_len} keys: token dropping "
+            raise Inapplicable(f"layer {site.layer} attends {site.q_len} queries to {site.kv_len} keys: token dropping "
                           "applies to a whole prompt with no past cache (a prefill), not to a decode step")
     if not isinstance(batch, int) or batch != 1:
         raise Refused(f"batch of {batch} sequences: each would keep different tokens; run one sequence at a time")
-    # The kept counts are static: a prefill graph traced with a symbolic length is specialized to
-    # this length here (Dynamo adds the guard; another prompt length compiles again).
-    length = int(shape_of(first.query)[2])
+    length = static_size(shape_of(first.query)[2])
+    if not isinstance(length, int):
+        raise Refused(f"the prompt length is symbolic ({length}: Dynamo compiles one graph for every length once it "
+                      "has seen two): dropping tokens rewrites every size after a cut, which needs a static length; "
+                      "compile with dynamic=False (one graph per prompt length, up to Dynamo's recompile limit)")
     for site in sites.values():
         if site.causal is not causal:
             kind = "causal (decoder)" if causal else "bidirectional (encoder)"
@@ -275,8 +282,11 @@ def token_reduction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: To
     result = PassResult(method=method_of(config)[1], family="tokens")
     try:
         cuts, axes, region, length = _plan(gm, analysis, config, config.CAUSAL, config.last_kept())
-    except Refused as reason:
+    except Inapplicable as reason:
         result.sites["graph"] = f"not applied: {reason}"
+        return result
+    except Refused as reason:
+        result.refuse("graph", str(reason), verb="not applied")
         return result
     _insert_selects(gm, cuts, config)
     result.rewrites["cuts"] = len(cuts)

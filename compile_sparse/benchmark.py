@@ -1,0 +1,75 @@
+"""Speed of a setting against dense, as ``compile-sparse bench`` and ``bench/kv_speed.py`` measure
+it: Inductor on every side, the sides timed in turn round after round (``timing.interleaved``),
+medians with their spread.
+
+- prefill: the prompt through the dense and the compressed model (last position's logits only);
+- decode: one step over the dense cache, over the compressed cache, and over the *ideal*: a plain
+  cache as long as the compressed one, through the dense model (what a perfect implementation of
+  the method would cost). The dense and ideal caches keep their length from step to step;
+- compilation: the seconds a first prefill and a first decode step take beyond a later one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .timing import (cache_bytes, decode_step, fresh_inductor_cache, interleaved, prefill, repeat_cache, seconds,
+                     slice_cache)
+
+
+def compiled(model: torch.nn.Module, options: dict) -> tuple[Any, Any]:
+    """(dense, sparse): the model's forward through Inductor (static shapes) and through the backend."""
+    dense = torch.compile(model.forward, backend="inductor", dynamic=False)
+    return dense, torch.compile(model.forward, backend="sparse", options=options)
+
+
+def compile_seconds(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> dict:
+    """Seconds of compilation, dense against sparse, for the prefill of ``ids`` and a decode step
+    after it, in a fresh torch.compile state."""
+    torch.compiler.reset()
+    out: dict = {}
+    for side, forward in zip(("dense", "sparse"), compiled(model, options)):
+        first = seconds(prefill(forward, ids))
+        cache = prefill(forward, ids)().past_key_values
+        again = seconds(prefill(forward, ids))
+        step = decode_step(forward, cache, ids.shape[0], ids.shape[1], keep_length=side == "dense")
+        first_step = seconds(step)
+        step()
+        out[side] = {"prefill": first - again, "decode": first_step - seconds(step)}
+    return out
+
+
+def compile_times(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> dict:
+    """``compile_seconds`` with Inductor's on-disk caches empty ("cold"), then filled ("warm")."""
+    with fresh_inductor_cache():
+        cold = compile_seconds(model, options, ids)
+        warm = compile_seconds(model, options, ids)
+    return {"cold": cold, "warm": warm}
+
+
+def prefill_times(dense, sparse, ids: torch.Tensor, rounds: int) -> dict:
+    """Median ms of a prefill of ``ids``, dense and sparse, timed in turn."""
+    times = interleaved({"dense": prefill(dense, ids), "sparse": prefill(sparse, ids)}, rounds)
+    return {"dense_ms": times["dense"]["median_ms"], "sparse_ms": times["sparse"]["median_ms"],
+            "speedup": times["dense"]["median_ms"] / times["sparse"]["median_ms"],
+            "spread": {side: t["spread"] for side, t in times.items()}}
+
+
+def decode_times(dense, sparse, dense_cache, sparse_cache, position: int, rounds: int, batch: int = 1) -> dict:
+    """Median ms of one decode step at ``position`` over the dense, the ideal and the compressed cache
+    (each repeated ``batch`` times along the batch axis), timed in turn, and the bytes each holds."""
+    kept = max(layer.keys.shape[2] for layer in sparse_cache.layers)
+    ideal_cache = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - kept)
+    if batch > 1:
+        dense_cache, ideal_cache, sparse_cache = (repeat_cache(c, batch) for c in (dense_cache, ideal_cache, sparse_cache))
+    held = {"kv_bytes_dense": cache_bytes(dense_cache), "kv_bytes_sparse": cache_bytes(sparse_cache)}  # before any step
+    steps = {"dense": decode_step(dense, dense_cache, batch, position, keep_length=True),
+             "ideal": decode_step(dense, ideal_cache, batch, position, keep_length=True),
+             "sparse": decode_step(sparse, sparse_cache, batch, position)}
+    times = interleaved(steps, rounds, warmup=2)
+    out = {f"{side}_ms": t["median_ms"] for side, t in times.items()}
+    return {**out, "batch": batch, "kept": kept, "speedup": out["dense_ms"] / out["sparse_ms"],
+            "vs_ideal": out["sparse_ms"] / out["ideal_ms"], "spread": {side: t["spread"] for side, t in times.items()},
+            **held}

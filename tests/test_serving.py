@@ -1,0 +1,260 @@
+"""KV eviction on the paths a serving loop takes: any prompt length through one graph, the
+StaticCache generate() builds (and SparseStaticCache, whose buffers shrink), left-padded batches,
+in-place decode steps; and never a silent fallback: a warning for whatever the options ask for
+that is not done, an error with "strict"."""
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch._dynamo.utils import counters
+
+import compile_sparse
+from compile_sparse import models
+from compile_sparse.passes.kv.budgets import uniform_budget
+from compile_sparse.passes.registry import build
+from compile_sparse.state import STATE
+
+from .methods import kv_options as kv, names
+
+METHODS = names("kv")
+LENGTHS = list(range(40, 40 + 12 * 13, 13))  # 12 prompt lengths, 40 .. 183
+
+
+def compiled(model, options):
+    forward = type(model).forward.__get__(model)
+    model.forward = torch.compile(forward, backend="sparse", options=options)
+    return model
+
+
+def generate(model, ids, steps=8, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                              return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def budget(method, ratio, length, layer=0, layers=2):
+    params = {k: v for k, v in kv(method, ratio).items() if k != "method"}
+    return build("kv", method, params).budget(layer, layers, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any prompt length through one graph
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_twelve_prompt_lengths_compress_every_call_in_one_prefill_graph(method):
+    model = models.tiny_llama(layers=2)
+    forward = torch.compile(model.forward, backend="sparse", options={"kv": kv(method, 0.75), "lowering": "eager"})
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compile_sparse.SparseWarning)  # no fallback, nothing left undone
+        for length in LENGTHS:
+            ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))
+            with torch.no_grad():
+                cache = forward(input_ids=ids, use_cache=True).past_key_values
+            expected = [budget(method, 0.75, length, layer) for layer in range(2)]
+            assert [layer.keys.shape[-2] for layer in cache.layers] == expected, length
+    assert counters["stats"]["unique_graphs"] == 2  # the first length static, then one symbolic graph
+
+
+def test_prompt_lengths_through_inductor_use_one_symbolic_graph():
+    model = models.tiny_llama(layers=1)
+    forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("h2o", 0.75)})
+    counters.clear()
+    for length in LENGTHS[:5]:
+        ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            cache = forward(input_ids=ids, use_cache=True).past_key_values
+        assert cache.layers[0].keys.shape[-2] == uniform_budget(length, 0.75)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_token_method_says_when_prompt_lengths_stop_being_compressed():
+    """Token dropping needs a static prompt length: when Dynamo makes it symbolic the pass says so;
+    with dynamic=False (one graph per length), past Dynamo's recompile limit a new length would run
+    uncompressed: that is said too, and "strict" makes both errors."""
+    options = {"tokens": {"method": "lazyllm", "layers": [1], "keep_ratios": [0.5], "window": 4}, "lowering": "eager"}
+    model = models.tiny_llama(layers=2)
+
+    def run(forward, lengths):
+        with torch.no_grad():
+            for length in lengths:
+                forward(input_ids=torch.randint(3, 100, (1, length)), use_cache=True, logits_to_keep=1)
+
+    STATE.warned.clear()
+    with pytest.warns(compile_sparse.SparseWarning, match="the prompt length is symbolic.*dynamic=False"):
+        run(torch.compile(model.forward, backend="sparse", options=options), LENGTHS[:2])
+    torch.compiler.reset()
+    with pytest.warns(compile_sparse.SparseWarning, match="recompile limit.*WITHOUT the compression"):
+        run(torch.compile(model.forward, backend="sparse", options=options, dynamic=False), LENGTHS)
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="[Rr]ecompile.limit"):
+        run(torch.compile(model.forward, backend="sparse", options={**options, "strict": True}, dynamic=False), LENGTHS)
+
+
+# ---------------------------------------------------------------------------------------------
+# StaticCache
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_static_caches_generate_what_a_dynamic_cache_generates(method):
+    """HF's StaticCache (cache_implementation="static") keeps the budget inside its buffers;
+    SparseStaticCache's buffers shrink to it (plus room for the new tokens, for a method without a
+    decode rule); both generate the DynamicCache's tokens."""
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    options = {"kv": kv(method, 0.5), "lowering": "eager"}
+    dynamic = generate(compiled(models.tiny_llama(), options), ids)
+    static = generate(compiled(models.tiny_llama(), options), ids, cache_implementation="static")
+    model = compiled(models.tiny_llama(), options)
+    sparse = generate(model, ids, past_key_values=compile_sparse.SparseStaticCache(model.config, 48, batch_size=2))
+    assert torch.equal(static.sequences, dynamic.sequences) and torch.equal(sparse.sequences, dynamic.sequences)
+    evicts = build("kv", method, {"compression_ratio": 0.5}).decode
+    widest = max(budget(method, 0.5, 40, layer) for layer in range(2))  # one mask width for every layer
+    for layer, (kept, full) in enumerate(zip(sparse.past_key_values.layers, static.past_key_values.layers)):
+        slots = widest + (0 if evicts else 8)  # room for the 8 new tokens without a decode rule
+        assert kept.keys.shape[-2] == kept.values.shape[-2] == slots
+        assert kept.keys.untyped_storage().nbytes() == 2 * 2 * slots * 16 * 4  # (B, Hkv, slots, D) fp32, measured
+        real = (STATE.store.get(kept.keys)[..., 0] >= 0).sum(-1)  # (B, Hkv) slots holding a token
+        assert (real == budget(method, 0.5, 40, layer) + (0 if evicts else 7)).all()  # 7 steps fed back
+        assert full.keys.shape[-2] == 47  # HF's: max_cache_len (prompt + new tokens - 1)
+
+
+def test_static_decode_compiles_once_and_writes_in_place():
+    """32 decode steps with H2O over a SparseStaticCache: one decode graph, the cache tensors keep
+    their storage (each step writes one token into the slot it frees)."""
+    model = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.75), "lowering": "eager"})
+    ids = torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(1))
+    cache = compile_sparse.SparseStaticCache(model.config, max_cache_len=96, batch_size=1)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        keys = [layer.keys for layer in cache.layers]
+        pointers = [k.data_ptr() for k in keys]
+        assert [k.shape[-2] for k in keys] == [16, 16]
+        counters.clear()
+        token = torch.tensor([[5]])
+        for step in range(32):
+            model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[64 + step]]),
+                  cache_position=torch.tensor([64 + step]), use_cache=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [layer.keys for layer in cache.layers] == keys and [k.data_ptr() for k in keys] == pointers
+    assert [k.shape[-2] for k in keys] == [16, 16]
+
+
+def test_the_default_recipe_works_with_generates_static_cache():
+    model = compiled(models.tiny_llama(), {"lowering": "eager"})
+    out = generate(model, torch.randint(3, 100, (1, 96)), cache_implementation="static")
+    assert out.sequences.shape[1] == 104
+    state = STATE.store.get(out.past_key_values.layers[0].keys)  # [position, priority, ...] per buffer slot
+    assert int((state[..., 0] >= 0).sum(-1).max()) == uniform_budget(96, 0.75)  # the budget, in HF's full buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# Left-padded batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _prefill_and_step(model, options, ids, mask):
+    torch.compiler.reset()
+    forward = torch.compile(model.forward, backend="sparse", options=options)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        state = [STATE.store.get(layer.keys).clone() for layer in cache.layers]
+        keys = [layer.keys.clone() for layer in cache.layers]
+        step = torch.full((ids.shape[0], 1), 7)
+        logits = forward(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1),
+                         position_ids=positions[:, -1:] + 1, past_key_values=cache).logits[:, -1]
+    return keys, state, logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_left_padded_batch_keeps_for_each_row_what_the_row_keeps_alone(method):
+    model = models.tiny_llama()
+    a = torch.randint(3, 100, (1, 80), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(3, 100, (1, 50), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 30, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    options = {"kv": kv(method, 0.5), "lowering": "eager"}
+    keys, state, logits = _prefill_and_step(model, options, ids, mask)
+    for row, alone in ((0, a), (1, b)):
+        alone_keys, alone_state, alone_logits = _prefill_and_step(model, options, alone, torch.ones_like(alone))
+        for layer in range(2):
+            kept = budget(method, 0.5, alone.shape[1], layer)
+            positions = state[layer][row, :, :, 0]  # (Hkv, slots): true positions, -1 for empty slots
+            assert torch.equal(positions[:, :kept], alone_state[layer][0, :, :kept, 0])  # the same tokens, in order
+            assert (positions[:, kept:] == -1).all()  # the row's padding never kept, never counted
+            torch.testing.assert_close(keys[layer][row, :, :kept], alone_keys[layer][0, :, :kept])
+        torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity at ratio 0 on every path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["static", "sparse", "padded", "lengths"])
+def test_ratio_zero_equals_dense_on_every_path(path):
+    plain = models.tiny_llama()
+    sparse = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.0), "lowering": "eager"})  # the same weights
+    ids = torch.randint(3, 100, (2, 66), generator=torch.Generator().manual_seed(4))
+    prompts = [ids[:, :n] for n in (40, 53, 66)] if path == "lengths" else [ids[:, :40]]
+    for prompt in prompts:
+        def kwargs(model):
+            if path == "static":
+                return {"cache_implementation": "static"}
+            if path == "sparse":
+                return {"past_key_values": compile_sparse.SparseStaticCache(model.config, 48, batch_size=2)}
+            if path == "padded":
+                mask = torch.ones_like(prompt)
+                mask[1, :10] = 0
+                return {"attention_mask": mask}
+            return {}
+        reference, out = generate(plain, prompt, **kwargs(plain)), generate(sparse, prompt, **kwargs(sparse))
+        assert torch.equal(out.sequences, reference.sequences)
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Never silent
+# ---------------------------------------------------------------------------------------------
+
+
+def _mistral():
+    cfg = tf.MistralConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=96, sliding_window=32)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return tf.MistralForCausalLM(cfg).eval()
+
+
+def test_a_layer_left_as_it_is_warns_once_and_strict_raises():
+    STATE.warned.clear()
+    ids = torch.randint(3, 100, (1, 40))
+    with pytest.warns(compile_sparse.SparseWarning, match="kv:h2o leaves layer 0 attention, layer 1 attention as "
+                                                          "they are: a sliding-window layer"):
+        out = generate(compiled(_mistral(), {"kv": kv("h2o", 0.5), "lowering": "eager"}), ids, steps=3)
+    assert out.sequences.shape[1] == 43
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="sliding-window layer"):
+        generate(compiled(_mistral(), {"kv": kv("h2o", 0.5), "lowering": "eager", "strict": True}), ids, steps=3)
+
+
+def test_a_graph_break_warns():
+    STATE.warned.clear()
+    STATE.graph_breaks.clear()
+    model = models.tiny_llama()
+
+    def forward(ids):
+        hidden = model.model.embed_tokens(ids)
+        print("", end="")  # a graph break
+        return model(inputs_embeds=hidden).logits
+
+    with pytest.warns(compile_sparse.SparseWarning, match="Dynamo broke the graph"):
+        torch.compile(forward, backend="sparse", options={"kv": kv("h2o", 0.5), "lowering": "eager"})(
+            torch.randint(3, 100, (1, 8)))
