@@ -1,4 +1,4 @@
-"""GPU kernel benchmark (EVAL.md "Speed"): each kernel beside torch SDPA and FlexAttention on the same
+"""GPU kernel benchmark (docs/evaluation.md, "Speed"): each kernel beside torch SDPA and FlexAttention on the same
 shapes: bf16, batch 8, 32 query / 8 KV heads, head dim 128, contexts 4k to 128k.
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: no Python launch

@@ -1,4 +1,4 @@
-"""KV-eviction quality on SmolLM2, ctx-continuation protocol (EVAL.md): every method at every
+"""KV-eviction quality on SmolLM2, ctx-continuation protocol (docs/evaluation.md): every method at every
 ratio, beside dense, truncate and (with --kvpress) kvpress 0.5.5's presses on the same documents.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/kv_quality.py --json docs/kv_quality.json
@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.75, 0.9])
-    parser.add_argument("--docs", type=int, default=8, help="number of test documents (EVAL.md: 8)")
+    parser.add_argument("--docs", type=int, default=8, help="number of test documents (docs/evaluation.md: 8)")
     parser.add_argument("--split", choices=("test", "calibration"), default="test",
                         help="calibration: the 8 speeches before the test ones, to choose parameters on")
     parser.add_argument("--params", default="{}", help='JSON per method, e.g. {"h2o": {"recent_window": 64}}')

@@ -1,10 +1,10 @@
-"""Structured-pruning quality on SmolLM2, window-ppl protocol (EVAL.md): every criterion at MLP 20%,
+"""Structured-pruning quality on SmolLM2, window-ppl protocol (docs/evaluation.md): every criterion at MLP 20%,
 MLP 40% and 3 of 9 heads (one per KV group), beside Torch-Pruning 1.6.1 at the same parameter count.
 
     .venv/bin/python bench/prune_quality.py --json docs/data/prune_quality.json
     bash bench/setup_torch_pruning.sh && .venv/bin/python bench/prune_quality.py --torch-pruning-only --json docs/data/prune_tp.json
 
-Calibration: 512-token windows of the 8 SotU speeches before the test ones (EVAL.md), the first
+Calibration: 512-token windows of the 8 SotU speeches before the test ones (docs/evaluation.md), the first
 --calibration windows. Our passes run through torch.compile(backend="sparse") with lowering
 "eager" (the same rewritten graph, without Inductor's compile time); Torch-Pruning prunes a copy of
 the model in place and runs eagerly. Parameters kept are counted on the physically pruned model.
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="*", default=CRITERIA)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--allocations", nargs="*", default=["uniform"])
-    parser.add_argument("--docs", type=int, default=8, help="number of test documents (EVAL.md: 8)")
+    parser.add_argument("--docs", type=int, default=8, help="number of test documents (docs/evaluation.md: 8)")
     parser.add_argument("--calibration", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--torch-pruning", nargs="*", default=None,
                         help="also run Torch-Pruning with these importances: taylor, magnitude (default taylor)")

@@ -1,4 +1,4 @@
-"""Structured-pruning speed on CPU, SmolLM2, Inductor on every side, one process (EVAL.md "Speed").
+"""Structured-pruning speed on CPU, SmolLM2, Inductor on every side, one process (docs/evaluation.md, "Speed").
 
 A 1024-token prefill (no cache) of the model compiled with ``{"prune": {"method": "magnitude",
 "mlp_ratio": R}}`` against (1) the unpruned model and (2) the ideal: a plain model whose Linear

@@ -7,7 +7,7 @@ against dense, in one process.
 
 Quality runs with lowering "eager" (the same rewritten graph); a recipe with token dropping leaves
 caches whose layers differ in length, so its continuation goes one token at a time. Recipes that
-prune with a data-reading criterion get the calibration speeches (EVAL.md), 8 x 1024 tokens. Speed
+prune with a data-reading criterion get the calibration speeches (docs/evaluation.md), 8 x 1024 tokens. Speed
 compiles both sides with Inductor: the prefill with ``logits_to_keep=1``, then one decode step at
 position 1024 over the cache that prefill left (dense: 1024 tokens per layer).
 """

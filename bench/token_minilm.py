@@ -1,5 +1,5 @@
 """Encoder token reduction (EViT, ToMe) on all-MiniLM-L6-v2, the MiniLM embeddings protocol
-(EVAL.md): mean cosine similarity of compressed to dense sentence embeddings over the sentences of
+(docs/evaluation.md): mean cosine similarity of compressed to dense sentence embeddings over the sentences of
 the most recent SotU speech, beside the naive baseline (each sentence truncated to the same share
 of its tokens).
 

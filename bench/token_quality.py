@@ -1,4 +1,4 @@
-"""Decoder token dropping (LazyLLM-style) on SmolLM2, ctx-continuation protocol (EVAL.md): each
+"""Decoder token dropping (LazyLLM-style) on SmolLM2, ctx-continuation protocol (docs/evaluation.md): each
 schedule beside dense, truncate and SnapKV at the same KV-cache size.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/token_quality.py --json docs/data/token_quality.json
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedules", nargs="*", default=["4:0.5"])
     parser.add_argument("--params", default="{}", help='JSON of LazyLLM parameters, e.g. {"window": 64, "kernel_size": 5}')
-    parser.add_argument("--docs", type=int, default=8, help="number of test documents (EVAL.md: 8)")
+    parser.add_argument("--docs", type=int, default=8, help="number of test documents (docs/evaluation.md: 8)")
     parser.add_argument("--split", choices=("test", "calibration"), default="test",
                         help="calibration: the 8 speeches before the test ones, to choose parameters on")
     parser.add_argument("--no-baselines", action="store_true", help="skip truncate and SnapKV (schedule sweeps)")

@@ -1,5 +1,5 @@
 """Decoder token dropping speed on CPU: a SmolLM2 prefill with LazyLLM-style pruning against the
-dense prefill, both through Inductor, one process (EVAL.md "Speed"), last position's logits only
+dense prefill, both through Inductor, one process (docs/evaluation.md, "Speed"), last position's logits only
 on both sides (``logits_to_keep=1``).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/token_speed.py --json docs/data/token_speed.json

@@ -1,4 +1,4 @@
-"""Quality protocols from EVAL.md.
+"""Quality protocols from docs/evaluation.md.
 
 ctx-continuation (KV eviction, token dropping): per document, prefill tokens [0, 1024) with the method on, then
 score the continuation [1024, 1152) over the compressed cache with the true positions
@@ -145,7 +145,7 @@ def smollm2_documents(count: int = 8, split: str = "test") -> tuple[Any, Any, di
 
 
 def calibration_batches(tokenizer: Any, length: int = CONTEXT, count: int = 8) -> list[torch.Tensor]:
-    """Calibration data per EVAL.md (the ``count`` speeches before the test ones, never the test
+    """Calibration data per docs/evaluation.md (the ``count`` speeches before the test ones, never the test
     documents): the first ``length`` tokens of each, as a list of (1, length) batches, shaped like
     the prefill they calibrate."""
     from . import models

@@ -67,11 +67,9 @@ def shrink_model(model: nn.Module, plan: Plan, all_biases: bool = False) -> nn.M
 
 
 def _shrink_mlp(model: nn.Module, m: MLPPlan, force_bias: bool) -> None:
-    keep = torch.tensor(m.keep, dtype=torch.long)
-    for key in ("gate", "up"):
-        if m.weights[key] is not None:
-            _shrink(model, m.weights[key], keep, "out", force_bias=force_bias)
-    _shrink(model, m.weights["down"], keep, "in", m.bias, force_bias=force_bias)
+    for name, rows in m.producer_rows().items():
+        _shrink(model, name, rows, "out", force_bias=force_bias)
+    _shrink(model, m.weights["down"], torch.tensor(m.keep, dtype=torch.long), "in", m.bias, force_bias=force_bias)
 
 
 def _shrink_heads(model: nn.Module, h: HeadPlan, force_bias: bool) -> None:

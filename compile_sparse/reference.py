@@ -36,24 +36,29 @@ def causal_visibility(q_len: int, kv_len: int, device: torch.device, first_query
     return torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
 
 
-def grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
-    """fp32 logits (B, Hkv, G, T, L) of q against k; ``mask`` (see grouped_mask) is True where a
-    query sees a key (hidden logits are -inf) or, as a float tensor, added to the logits."""
+def grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None,
+                   softcap: float | None = None) -> Tensor:
+    """fp32 logits (B, Hkv, G, T, L) of q against k, capped to ``softcap * tanh(x / softcap)`` when
+    given (Gemma 2); ``mask`` (see grouped_mask) is True where a query sees a key (hidden logits
+    are -inf) or, as a float tensor, added to the logits."""
     b, hq, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     group = gqa_group(q, hkv)
     rows = q.float().reshape(b, hkv, group * t, d)  # (B, Hkv, G * T, D): one matmul per KV head
     logits = torch.matmul(rows, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G * T, L)
     logits = logits.view(b, hkv, group, t, length)  # (B, Hkv, G, T, L)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if mask is not None:
         mask = grouped_mask(mask, hkv, group)
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
     return logits
 
 
-def grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
+def grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None,
+                  softcap: float | None = None) -> Tensor:
     """Softmax of ``grouped_logits`` over the keys: (B, Hkv, G, T, L); a row with no visible key is 0."""
-    return grouped_logits(q, k, scale, mask).softmax(dim=-1).nan_to_num(0.0)
+    return grouped_logits(q, k, scale, mask, softcap).softmax(dim=-1).nan_to_num(0.0)
 
 
 def mask_allows(mask: Tensor, how: str) -> Tensor:

@@ -104,8 +104,9 @@ def format_sites(sites: dict[str, str], per_layer: bool = False) -> list[str]:
     on one line ("layers 0-29 attention: ...") unless ``per_layer``."""
     rows = []
     for site, what in sites.items():
-        match = re.fullmatch(r"layer (\d+) (\w+)", site)
-        rows.append((site, None, what) if match is None or per_layer else (int(match.group(1)), match.group(2), what))
+        match = re.fullmatch(r"(.*?)layer (\d+) (.+)", site)
+        rows.append((site, None, what) if match is None or per_layer
+                    else (int(match.group(2)), (match.group(1), match.group(3)), what))
     grouped: list[list] = []
     for layer, kind, what in rows:
         last = grouped[-1] if grouped else None
@@ -119,7 +120,7 @@ def format_sites(sites: dict[str, str], per_layer: bool = False) -> list[str]:
             lines.append(f"  {first}: {what}")
         else:
             layers = f"layer {first}" if first == last else f"layers {first}-{last}"
-            lines.append(f"  {layers} {kind}: {what}")
+            lines.append(f"  {kind[0]}{layers} {kind[1]}: {what}")
     return lines
 
 
@@ -168,10 +169,13 @@ class Report:
             notes.append("no attention and no MLP found: the graph has no scaled_dot_product_attention call, no "
                          "softmax between matmul(q, k^T) and matmul(p, v), and no projection -> pointwise "
                          "activation -> projection chain; nothing can be rewritten, the model runs unchanged")
-        elif not self.attention_sites:
+        elif not self.attention_sites and not any(s["kind"] == "attention" for s in self.skipped):
             notes.append("no attention found: no scaled_dot_product_attention call and no matmul-softmax-matmul chain")
-        if self.skipped:
-            notes.append(f"{len(self.skipped)} region(s) only partly understood were skipped and are never rewritten")
+        partly = sum(not s["expected"] for s in self.skipped)
+        if partly:
+            notes.append(f"{partly} region(s) only partly understood were skipped and are never rewritten")
+        if len(self.skipped) > partly:
+            notes.append(f"{len(self.skipped) - partly} region(s) are left as they are by design (the reasons above)")
         if not self.passes:
             notes.append("no compression pass ran: the options request no method, so the graph is unchanged")
         return notes

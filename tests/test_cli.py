@@ -42,7 +42,7 @@ def test_inspect_with_kv_eviction_shows_what_the_cache_keeps(capsys):
     assert main(["inspect", "tiny-llama", "--options", options]) == 0
     out = capsys.readouterr().out
     assert "pass kv:snapkv: prefill eviction: 2" in out
-    assert out.count("prefill eviction: cache 32 -> 8 tokens") == 2
+    assert "layers 0-1 attention: prefill eviction: cache 32 -> 8 tokens" in out
     assert "KV cache handed back: 16.0 KiB -> 4.0 KiB (75% saved)" in out
 
 

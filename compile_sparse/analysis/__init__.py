@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch.fx as fx
 
 from .attention import AnalysisError, attention_site
-from .mlp import mlp_site
+from .mlp import expert_regions, mlp_site
 from .ops import SOFTMAX, example_value, graph_outputs, is_parameter, module_path, op_name
 from .sites import AttentionSite, CacheSlot, GraphAnalysis, LinearOp, MLPSite, SkippedRegion, as_linear
 from .token_axes import TokenAxes, token_axes
@@ -46,7 +46,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphAnalysis:
         try:
             site = attention_site(gm, node, example_inputs, outputs, len(result.attention))
         except AnalysisError as err:
-            result.skipped.append(SkippedRegion("attention", node.name, module_path(node), str(err)))
+            result.skipped.append(SkippedRegion("attention", node.name, module_path(node), str(err), err.expected))
             continue
         if site is not None:
             result.attention.append(site)
@@ -60,6 +60,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphAnalysis:
             result.mlp.append(site)
         elif isinstance(site, SkippedRegion):
             result.skipped.append(site)
+    result.skipped += expert_regions(gm.graph)
+    if len({site.stack for site in result.attention + result.mlp}) == 1:
+        for site in result.attention + result.mlp:  # one stack (a decoder-only or encoder-only model): no prefix
+            site.stack = ""
     log.info("analysis: %d attention sites, %d MLP sites, %d skipped regions",
              len(result.attention), len(result.mlp), len(result.skipped))
     return result

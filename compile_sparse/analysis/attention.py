@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..reference import mask_allows
 from .ops import (BOUNDARY, MATMUL, MAX_SEARCH, arg_of, example_value, is_parameter, layer_index, module_path, op_name,
-                  shape_of, static_size, tensor_inputs)
+                  shape_of, stack_of, static_size, tensor_inputs)
 from .sites import AnalysisError, AttentionSite, CacheSlot, LinearOp, as_linear
 
 log = logging.getLogger("compile_sparse")
@@ -97,15 +97,16 @@ def _trace_projection(start: fx.Node, outputs: set[fx.Node]) -> _Trace:
     raise AnalysisError(f"no projection by a parameter found within {MAX_SEARCH} nodes upstream of {start.name}")
 
 
-def _portion_features(trace: _Trace) -> int:
+def _portion_features(trace: _Trace, head_dim: int) -> int:
     """How many of the projection's output features feed this tensor: all of them, or the part a
-    split / slice of a fused qkv projection takes."""
+    split / slice of a fused qkv projection takes. A slice narrower than a head (the rotary part of
+    a head, with partial rotary embeddings) is not a split of the projection."""
     full = example_value(trace.linear.node)
     for node in reversed(trace.path[:-1]):  # from the projection forwards
         value = example_value(node)
         if op_name(node) == "cat":
             break
-        if isinstance(value, torch.Tensor) and value.numel() < full.numel():
+        if isinstance(value, torch.Tensor) and value.numel() < full.numel() and value.shape[-1] >= head_dim:
             return trace.linear.out_features * value.numel() // full.numel()
     return trace.linear.out_features
 
@@ -174,14 +175,54 @@ def _is_causal_mask(allowed: torch.Tensor, q_len: int, kv_len: int) -> bool | No
 
 
 
-_SCALE_OPS = ("mul", "truediv", "div", "to", "type", "float", "contiguous")
+_CASTS = ("to", "type", "float", "contiguous")
 
 
-def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
-    """For ``matmul(softmax(f(matmul(q, k^T))), v)`` return (q, k^T, v, the p @ v node, mask, how),
-    where f scales and masks the scores and ``how`` says how the mask is applied (see _allowed).
-    None when the softmax does not feed a matmul (not attention); AnalysisError when it does but
-    the scores are not understood."""
+@dataclass
+class _Scores:
+    """A matched matmul-softmax-matmul attention: q, k^T and v at the matmuls, the p @ v node, the
+    mask and how it applies, the scale multiplying q @ k^T (None when the graph shows none) and the
+    softcap c of ``c * tanh(x / c)`` (Gemma 2), if any."""
+
+    q: fx.Node
+    k_t: fx.Node
+    v: fx.Node
+    pv: fx.Node
+    mask: fx.Node | None
+    how: str | None
+    scale: float | None
+    softcap: float | None
+
+
+def _constant(value: Any) -> float | None:
+    """A number a graph multiplies or divides by: a Python number, or ``torch.full([], c)``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and op_name(value) == "full" and isinstance(value.args[1], (int, float)):
+        return float(value.args[1])
+    return None
+
+
+def _factor(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """For ``x * c``, ``c * x`` or ``x / c`` with a constant c: (x, the factor)."""
+    name = op_name(node)
+    if name not in ("mul", "truediv", "div") or len(node.args) < 2:
+        return None
+    a, b = node.args[:2]
+    if name == "mul":
+        if _constant(b) is not None and isinstance(a, fx.Node):
+            return a, _constant(b)
+        if _constant(a) is not None and isinstance(b, fx.Node):
+            return b, _constant(a)
+    if name in ("truediv", "div") and isinstance(a, fx.Node) and _constant(b) not in (None, 0.0):
+        return a, 1.0 / _constant(b)
+    return None
+
+
+def _match_matmul_softmax(softmax: fx.Node) -> _Scores | None:
+    """For ``matmul(softmax(f(matmul(q, k^T))), v)`` the matched pieces, where f scales, softcaps
+    and masks the scores. None when the softmax does not feed a matmul (not attention);
+    AnalysisError when it does but the scores are not understood."""
     dim = arg_of(softmax, 1, "dim", None)
     rank = len(shape_of(softmax) or ())
     if dim is None or rank < 2 or dim % rank != rank - 1:
@@ -200,17 +241,34 @@ def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
     else:
         return None
     pv = node
-    # backwards to q @ k^T through scaling and masking
+    # backwards to q @ k^T through scaling, softcapping and masking
     node, mask, how = softmax.args[0], None, None
-    for _ in range(8):
+    factors: list[float] = []  # from the softmax back
+    softcap = None
+    for _ in range(12):
         name = op_name(node)
         if name in MATMUL:
-            return node.args[0], node.args[1], pv.args[1], pv, mask, how
-        if name in _SCALE_OPS:
-            node = node.args[0] if isinstance(node.args[0], fx.Node) else node.args[1]
+            scale = None
+            for factor in factors:
+                scale = factor if scale is None else scale * factor
+            return _Scores(node.args[0], node.args[1], pv.args[1], pv, mask, how, scale, softcap)
+        factor = _factor(node)
+        if name == "tanh" and softcap is None and factors and _factor(node.args[0]) is not None:
+            outer = factors.pop()  # c * tanh(x / c): the factor just after tanh, and the one just before
+            inner, inverse = _factor(node.args[0])
+            if abs(outer * inverse - 1) > 1e-6:
+                break
+            softcap, node = outer, inner
+            continue
+        if factor is not None:
+            node, value = factor
+            factors.append(value)
+        elif name in _CASTS:
+            node = node.args[0]
         elif name == "add":
             a, b = node.args[0], node.args[1]
-            scores_first = op_name(a) in MATMUL + _SCALE_OPS or op_name(b) not in MATMUL + _SCALE_OPS
+            scores_first = op_name(a) in MATMUL + _CASTS + ("mul", "truediv", "div", "tanh") \
+                or op_name(b) not in MATMUL + _CASTS + ("mul", "truediv", "div", "tanh")
             node, mask, how = (a, b, "additive") if scores_first else (b, a, "additive")
         elif name == "masked_fill":
             mask, how, node = node.args[1], "bool_block", node.args[0]
@@ -223,7 +281,28 @@ def _match_matmul_softmax(softmax: fx.Node) -> tuple | None:
         if not isinstance(node, fx.Node):
             break
     raise AnalysisError(f"softmax feeds matmul {pv.name}, but its scores do not come from matmul(q, k^T) "
-                        "through scaling and masking")
+                        "through scaling, softcapping and masking")
+
+
+def _reads_cache_as_is(node: fx.Node) -> bool:
+    """The tensor is an input of the graph, reshaped at most: no projection, and not updated in
+    place (a StaticCache buffer is written by ``index_copy_`` before attention reads it)."""
+    for _ in range(8):
+        if node.op == "placeholder":
+            return not is_parameter(node) and not any(op_name(user).endswith("_") for user in node.users)
+        if op_name(node) not in ("view", "reshape", "expand", "getitem", "transpose", "to", "contiguous", "float"):
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return False
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """A tensor before views, reshapes, casts and contiguous copies."""
+    while op_name(node) in ("view", "reshape", "contiguous", "to", "float", "type") and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any], outputs: set[fx.Node],
@@ -236,13 +315,14 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
         flag_causal = bool(arg_of(node, 5, "is_causal", False))
         how = "bool_keep"
         out_node = node
+        softcap = None
     else:
         form = "matmul_softmax"
         matched = _match_matmul_softmax(node)
         if matched is None:
             return None
-        q, k_t, v, out_node, mask, how = matched
-        k = k_t
+        q, k, v, out_node, mask, how, softcap = (matched.q, matched.k_t, matched.v, matched.pv, matched.mask,
+                                                 matched.how, matched.softcap)
         flag_causal = False
     q_shape, k_shape = shape_of(q), shape_of(k)
     if q_shape is None or k_shape is None or len(q_shape) < 3:
@@ -250,10 +330,13 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
     head_dim = static_size(q_shape[-1])
     q_len = static_size(q_shape[-2])
     kv_len = static_size(k_shape[-2] if form == "sdpa" else k_shape[-1])
+    if _reads_cache_as_is(k) and _reads_cache_as_is(v) and not _reads_cache_as_is(q):
+        raise AnalysisError("cross-attention over cached keys and values read as they are (an encoder-decoder's "
+                            "decode step): left alone", expected=True)
     traces = {name: _trace_projection(t, outputs) for name, t in (("q", q), ("k", k), ("v", v))}
     if not isinstance(head_dim, int):
         raise AnalysisError(f"head dim is symbolic ({head_dim})")
-    q_features, k_features = _portion_features(traces["q"]), _portion_features(traces["k"])
+    q_features, k_features = _portion_features(traces["q"], head_dim), _portion_features(traces["k"], head_dim)
     if q_features % head_dim or k_features % head_dim:
         raise AnalysisError(f"projection widths {q_features} / {k_features} are not multiples of head dim {head_dim}")
     num_heads, num_kv_heads = q_features // head_dim, k_features // head_dim
@@ -278,12 +361,14 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
     if causal is None and q_len == 1:
         causal = False
     fused = len({id(t.linear.node) for t in traces.values()}) == 1
-    scale = arg_of(node, 6, "scale") if form == "sdpa" else None
+    scale = arg_of(node, 6, "scale") if form == "sdpa" else matched.scale
     scale = float(scale) if isinstance(scale, (int, float)) else head_dim ** -0.5
     path = module_path(node)
     layer = layer_index(node, traces["q"].linear.weight)
+    cross = not fused and _root(traces["q"].linear.input) is not _root(traces["k"].linear.input)
     return AttentionSite(
-        layer=ordinal if layer is None else layer, node=node, form=form, module_path=path,
+        layer=ordinal if layer is None else layer, node=node, form=form, module_path=path, stack=stack_of(node),
+        cross=cross, softcap=softcap,
         q=traces["q"].linear, k=traces["k"].linear, v=traces["v"].linear, o=o, qkv_fused=fused,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
         q_len=q_len, kv_len=kv_len, seq_axis=len(k_shape) - 2,

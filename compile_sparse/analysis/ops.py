@@ -116,16 +116,22 @@ def module_path(node: fx.Node) -> str:
 
 
 def layer_index(node: fx.Node, weight: fx.Node | None) -> int | None:
-    """The index of the ModuleList entry the node lives in (``layers.3`` / ``h[3]``), else from the
-    weight placeholder's name (``..._modules_3_modules_...``)."""
+    """The index of the outermost ModuleList entry the node lives in (``layers.3`` / ``h[3]``; T5's
+    ``block.0.layer.1`` is block 0), else from the weight placeholder's name (``..._modules_3_modules_...``)."""
     found = re.findall(r"(?:\.|\[)(\d+)(?:\]|\.|$)", module_path(node))
     if found:
-        return int(found[-1])
+        return int(found[0])
     if weight is not None:
         found = re.findall(r"_modules_(\d+)_", weight.name)
         if found:
-            return int(found[-1])
+            return int(found[0])
     return None
+
+
+def stack_of(node: fx.Node) -> str:
+    """"encoder" or "decoder" when the node's module path says so (an encoder-decoder model), else ""."""
+    parts = module_path(node).replace("[", ".").split(".")
+    return next((part for part in parts if part in ("encoder", "decoder")), "")
 
 
 def graph_outputs(graph: fx.Graph) -> set[fx.Node]:

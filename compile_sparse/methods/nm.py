@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from ..analysis import GraphAnalysis, LinearOp
+from ..analysis import GraphAnalysis, LinearOp, as_linear
 from ..calibration import calibrate
 from ..checks import check_choice, check_int
 from ..passes.context import PassContext
@@ -78,12 +78,13 @@ def nm_sparsity_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: NMSpar
                      ctx: PassContext) -> PassResult:
     linears: list[tuple[str, LinearOp]] = []
     for site in analysis.attention:
-        linears += [(f"layer {site.layer} attention {k}", getattr(site, k)) for k in ("q", "k", "v", "o")
+        linears += [(f"{site.name} {k}", getattr(site, k)) for k in ("q", "k", "v", "o")
                     if getattr(site, k) is not None]
     for site in analysis.mlp:
-        linears += [(f"layer {site.layer} mlp {k}", getattr(site, k)) for k in ("gate", "up", "down")
+        linears += [(f"{site.name} {k}", getattr(site, k)) for k in ("gate", "up", "down")
                     if getattr(site, k) is not None]
-    unique = {id(lin.node): (label, lin) for label, lin in linears}  # fused qkv appears three times
+    # fused qkv appears three times, a fused gate_up twice: each projection is masked whole, once
+    unique = {id(lin.node): (label, lin if lin.part is None else as_linear(lin.node)) for label, lin in linears}
     result = PassResult("nm", "prune", rewrites={"linear": 0})
     if config.n == config.m:
         return result

@@ -26,8 +26,10 @@ def weight_value(gm: fx.GraphModule, node: fx.Node, inputs: Sequence[Any]) -> to
 
 
 def out_in(linear: LinearOp, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as (out, in), whatever its stored layout."""
-    return weight if linear.weight_layout == "out_in" else weight.t()
+    """The weight as (out, in), whatever its stored layout; for a part of a fused projection, its
+    rows only."""
+    weight = weight if linear.weight_layout == "out_in" else weight.t()
+    return weight if linear.rows is None else weight[linear.rows[0]:linear.rows[1]]
 
 
 def weight_name(node: fx.Node) -> str:

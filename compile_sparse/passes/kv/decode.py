@@ -34,7 +34,7 @@ def _new_positions(state: Tensor, n: int) -> Tensor:
 
 
 def slot_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, state: Tensor, *,
-                spec: str, scale: float, evict: bool) -> tuple[Tensor, Tensor]:
+                spec: str, scale: float, softcap: float | None, evict: bool) -> tuple[Tensor, Tensor]:
     """One decode step over a slotted cache, written in place.
 
     query (B, Hq, 1, D); k_new, v_new (B, Hkv, 1, D); cache_k, cache_v (B, Hkv, P, D), the cache
@@ -57,13 +57,13 @@ def slot_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, ca
     position = position.index_put((rows, heads, slot), new_position.expand(b, hkv))
     method_state = method_state.index_put((rows, heads, slot), method_state.new_zeros(b, hkv, method_state.shape[-1]))
     valid = position >= 0  # (B, Hkv, P)
-    probs = grouped_probs(query, cache_k, scale, valid[:, :, None, :])  # (B, Hkv, G, 1, P)
+    probs = grouped_probs(query, cache_k, scale, valid[:, :, None, :], softcap)  # (B, Hkv, G, 1, P)
     out = torch.matmul(probs.flatten(2, 3), cache_v.float())  # (B, Hkv, G, D)
     out = out.reshape(b, query.shape[1], 1, d).to(query.dtype)  # (B, Hq, 1, D)
     if not evict:
         return out, torch.cat([position[..., None], state[..., PRIORITY:]], dim=-1)
     inputs = ScoreInputs(query, cache_k, scale, position, new_position, state=method_state if config.STATE_SIZE else None,
-                         probs=probs)
+                         probs=probs, softcap=softcap)
     scores, new_method_state = config.score(inputs)
     parts = [position[..., None], scores.masked_fill(~valid, float("inf"))[..., None]]
     if new_method_state is not None:
@@ -81,7 +81,7 @@ def continuation_mask(state: Tensor, n: int) -> Tensor:
 
 
 def continuation_state(query: Tensor, keys: Tensor, values: Tensor, state: Tensor, *, spec: str, scale: float,
-                       evict: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       softcap: float | None, evict: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The cache after n new tokens were appended to P slots: keys, values (B, Hkv, P + n, D) and
     the state; with ``evict``, the method keeps each row's real slots at their number (the cache
     stays at P slots). query (B, Hq, n, D)."""
@@ -95,7 +95,8 @@ def continuation_state(query: Tensor, keys: Tensor, values: Tensor, state: Tenso
         new_state = torch.cat([position[..., None], torch.cat([state[..., PRIORITY:], fresh], dim=2)], dim=-1)
         return keys, values, new_state
     method_state = state[..., FIXED_STATE:] if config.STATE_SIZE else None
-    scores, new_method_state = config.score(ScoreInputs(query, keys, scale, position, new_position, state=method_state))
+    scores, new_method_state = config.score(ScoreInputs(query, keys, scale, position, new_position, state=method_state,
+                                                        softcap=softcap))
     real_past = (state[:, 0, :, POSITION] >= 0).sum(dim=-1)  # (B,): each row keeps as many real slots as it had
     index, kept = select_slots(scores, position, real_past, state.shape[2])
     return gather_tokens(keys, index), gather_tokens(values, index), kept_state(scores, new_method_state, position,

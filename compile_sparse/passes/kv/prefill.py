@@ -82,7 +82,8 @@ def kept_state(scores: Tensor, method_state: Tensor | None, positions: Tensor, i
 
 
 @torch.library.custom_op("compile_sparse::kv_attention_totals", mutates_args=())
-def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float, spec: str) -> tuple[Tensor, Tensor]:
+def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float, softcap: float | None,
+                     spec: str) -> tuple[Tensor, Tensor]:
     """Causal attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) (``valid`` (B, T): the real
     tokens, None: all), computed ATTENTION_CHUNK queries at a time, each chunk over the keys it can
     see, with each chunk's rows also summed into the method's per-token totals (its ``per_query``;
@@ -103,6 +104,8 @@ def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scal
         c = stop - start
         rows = queries[:, :, :, start:stop].reshape(b, hkv, group * c, d)  # (B, Hkv, G * c, D)
         logits = torch.matmul(rows, keys[:, :, :stop].transpose(-1, -2))  # (B, Hkv, G * c, S)
+        if softcap is not None:
+            logits = torch.tanh(logits.div_(softcap)).mul_(softcap)
         grid = logits.view(b, hkv, group, c, stop)
         grid[..., start:].masked_fill_(torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         if valid is not None:
@@ -122,7 +125,7 @@ def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scal
 
 
 @attention_totals.register_fake
-def _(q, k, v, valid, scale, spec):
+def _(q, k, v, valid, scale, softcap, spec):
     return torch.empty_like(q), q.new_empty((q.shape[0], k.shape[1], q.shape[2]), dtype=torch.float32)
 
 
@@ -139,7 +142,7 @@ def slots_of(config: KVConfig, layer: int, num_layers: int, length: Any) -> Any:
 
 @torch.library.custom_op("compile_sparse::kv_prefill", mutates_args=())
 def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Tensor | None, spec: str, layer: int,
-               num_layers: int, scale: float, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+               num_layers: int, scale: float, softcap: float | None, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the budget of one layer's prompt: q (B, Hq, T, D); k, v (B, Hkv, T, D); valid (B, T)
     (None: no padding); totals (B, Hkv, T) from kv_attention_totals or None. Each row keeps the
     budget of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, 2 + S),
@@ -148,7 +151,7 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
     b, hkv, length, _ = k.shape
     positions = real_positions(valid, b, length, k.device)  # (B, T)
     inputs = ScoreInputs(q, k, scale, positions[:, None, :].expand(b, hkv, length), positions, totals=totals,
-                         plain=valid is None, kernels=kernels)
+                         plain=valid is None, kernels=kernels, softcap=softcap)
     scores, method_state = config.score(inputs)
     slots = slots_of(config, layer, num_layers, length)
     real = [length] * b if valid is None else valid.sum(dim=-1).tolist()
@@ -159,7 +162,7 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
 
 
 @kv_prefill.register_fake
-def _(q, k, v, valid, totals, spec, layer, num_layers, scale, kernels):
+def _(q, k, v, valid, totals, spec, layer, num_layers, scale, softcap, kernels):
     config = config_of(spec)
     b, hkv, length, d = k.shape
     slots = slots_of(config, layer, num_layers, length)

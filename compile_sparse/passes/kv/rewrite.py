@@ -92,7 +92,7 @@ def _refusal(site: AttentionSite) -> str | None:
     if k.kind == "sliding":
         return "a sliding-window layer (HF keeps its last tokens): left to HF's window rule"
     if site.causal is not True:
-        return "attention over a cache that is not causal (cross-attention?): left as it is"
+        return "attention over a cache that is not causal: left as it is"
     if k.kind != v.kind or k.prefill != v.prefill:
         return f"K and V are cached differently ({k.kind} / {v.kind})"
     if k.kind == "concat" and (k.output is None or v.output is None):
@@ -110,7 +110,7 @@ class _Site:
         self.spec = spec_of(config)
         self.num_layers = num_layers
         self.k, self.v = site.k_cache, site.v_cache
-        self.name = f"kv_state_layer_{site.layer}"
+        self.name = f"kv_state_{site.node.name}"
         self.evict = config.SUPPORTS_DECODE and config.decode
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -144,11 +144,12 @@ class _Site:
             if config.OBSERVES == "all" and site.form == "sdpa" and not self.kernels_path():
                 # the attention output and the scores from the same chunks of rows
                 both = self.call(torch.ops.compile_sparse.kv_attention_totals.default, site.query, self.k.new,
-                                 self.v.new, valid, site.scale, self.spec)
+                                 self.v.new, valid, site.scale, site.softcap, self.spec)
                 out, totals = self.items(both, 2)
                 self.replace_output(out)
             prefill = self.call(torch.ops.compile_sparse.kv_prefill.default, site.query, self.k.new, self.v.new, valid,
-                                totals, self.spec, site.layer, self.num_layers, site.scale, self.ctx.kernels)
+                                totals, self.spec, site.layer, self.num_layers, site.scale, site.softcap,
+                                self.ctx.kernels)
             kept = self.items(prefill, 3)
             if self.per_layer_budgets():
                 kept = self.items(self.call(widest, *kept, self.k.new, spec=self.spec, num_layers=self.num_layers), 3)
@@ -215,7 +216,7 @@ class _Site:
         past_k, past_v = self.k.input, self.v.input
         with inserting_after_all(self.graph, [site.output, self.k.new, self.v.new]):
             step = self.call(slot_decode, site.query, self.k.new, self.v.new, past_k, past_v, state_in,
-                             spec=self.spec, scale=site.scale, evict=self.evict)
+                             spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
             out, state = self.items(step, 2)
         self.replace_output(out)
         if dynamic:  # the cache tensors, written in place, are what the graph hands back
@@ -239,7 +240,7 @@ class _Site:
         _apply_mask(self.graph, site, mask)
         with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update]):
             grown = self.call(continuation_state, site.query, self.k.update, self.v.update, state_in,
-                              spec=self.spec, scale=site.scale, evict=self.evict)
+                              spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
             keys, values, state = self.items(grown, 3)
         self.hand_back(self.k.output, keys)
         self.hand_back(self.v.output, values)
@@ -296,7 +297,10 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
     bytes_before = bytes_after = 0
     symbolic = False
     for site in sites:
-        name = f"layer {site.layer} attention"
+        name = site.name
+        if site.cross:  # by design: the encoder's keys and values are not the decoder's to evict
+            result.sites[name] = "cross-attention: its cache (the encoder's keys and values) is left as it is"
+            continue
         reason = _refusal(site)
         if reason is not None:
             result.refuse(name, reason)

@@ -37,7 +37,8 @@ class ScoreInputs:
     (B, Hkv, G, n, T), the new queries' attention when the graph computed it, else None. totals:
     (B, Hkv, T), ``per_query`` summed over every new query when the attention computed it (the
     fused prefill), else None. plain: the positions are 0..T-1 in order with no padding (the
-    Triton key-score kernel may be used). kernels: options["kernels"].
+    Triton key-score kernel may be used). kernels: options["kernels"]. softcap: the attention's
+    logit cap (Gemma 2), or None.
     """
 
     query: torch.Tensor
@@ -50,6 +51,7 @@ class ScoreInputs:
     totals: torch.Tensor | None = None
     plain: bool = False
     kernels: str = "auto"
+    softcap: float | None = None
 
     @property
     def group_size(self) -> int:
@@ -68,7 +70,7 @@ class ScoreInputs:
             return self.probs[:, :, :, start:stop]
         q_pos = self.query_positions[:, start:stop]  # (B, c)
         visible = (self.positions[:, :, None, :] <= q_pos[:, None, :, None]) & self.valid[:, :, None, :]  # (B, Hkv, c, T)
-        probs = grouped_probs(self.query[:, :, start:stop], self.keys, self.scale, visible)
+        probs = grouped_probs(self.query[:, :, start:stop], self.keys, self.scale, visible, self.softcap)
         return probs * (q_pos >= 0)[:, None, None, :, None]  # (B, Hkv, G, c, T)
 
     def seen_by(self) -> torch.Tensor:
@@ -130,7 +132,7 @@ def column_sums(inputs: ScoreInputs, start: Any) -> torch.Tensor:
     """Attention each token gets from the new queries [start, n), summed over them and over the
     group: (B, Hkv, T) fp32. On CUDA (or with options["kernels"] = "interpret"), for a plain
     prompt, the Triton key-score kernel computes it without a queries x keys matrix."""
-    if inputs.plain and (inputs.query.is_cuda or inputs.kernels == "interpret"):
+    if inputs.plain and inputs.softcap is None and (inputs.query.is_cuda or inputs.kernels == "interpret"):
         return ops.attention_key_scores(inputs.query, inputs.keys, inputs.scale, True, start,
                                         interpret=inputs.kernels == "interpret")
     return per_key_totals(inputs, start, lambda probs: probs.sum(dim=(2, 3)))

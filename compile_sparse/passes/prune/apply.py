@@ -1,8 +1,8 @@
 """The structured pruning pass (compile side): a Plan applied to the graph.
 
-- an MLP keeps neurons K: the rows K of the gate and up weights and the columns K of the down
-  weight become sliced buffers (``get_attr``), and every view / reshape size between them that
-  carries the old width is rewritten;
+- an MLP keeps neurons K: the rows K of the gate and up weights (of both halves of a fused
+  gate_up weight) and the columns K of the down weight become sliced buffers (``get_attr``), and
+  every view / reshape / split size between them that carries the old width is rewritten;
 - an attention block keeps query heads (and KV heads): the q (k, v) rows and the o columns of the
   kept heads, with the head counts and widths in view / reshape sizes rewritten. GQA stays valid:
   "query" units remove the same number of query heads from every KV group, "kv_group" units remove
@@ -67,13 +67,18 @@ def _add_bias(gm: fx.GraphModule, inputs: Sequence[Any], linear: LinearOp, extra
 
 def _apply_mlp(gm: fx.GraphModule, inputs: Sequence[Any], site: MLPSite, entry: MLPPlan) -> None:
     keep = torch.tensor(entry.keep, dtype=torch.long)
+    width = len(entry.keep)
     rewrites = []
-    for producer in (site.gate, site.up):
-        if producer is not None:
-            rewrites += size_rewrites(producer.node, site.down.node, {site.intermediate_size: len(entry.keep)})
-    for producer in (site.gate, site.up):
-        if producer is not None:
-            slice_weight(gm, inputs, producer, keep, "out")
+    producers = {p.weight: p for p in (site.gate, site.up) if p is not None}  # one entry for fused gate_up
+    for producer in producers.values():
+        rewrites += size_rewrites(producer.node, site.down.node, {site.intermediate_size: width})
+    if site.fused and op_name(site.up.part.args[0]) != "chunk":  # split sizes carry the width
+        split = site.up.part.args[0]
+        sizes = split.args[1]
+        split.args = (split.args[0], width if isinstance(sizes, int) else [width] * len(sizes), *split.args[2:])
+    rows = entry.producer_rows()
+    for producer in producers.values():
+        slice_weight(gm, inputs, producer, rows[weight_name(producer.weight)], "out")
     slice_weight(gm, inputs, site.down, keep, "in")
     if entry.bias is not None:
         _add_bias(gm, inputs, site.down, entry.bias)
@@ -118,7 +123,7 @@ def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused:
                              f"{site.intermediate_size}: a plan made for another model")
         _apply_mlp(gm, analysis.inputs, site, entry)
         result.rewrites["mlp"] += 1
-        result.sites[f"layer {site.layer} mlp"] = f"kept {len(entry.keep)} of {site.intermediate_size} neurons" + \
+        result.sites[site.name] = f"kept {len(entry.keep)} of {site.intermediate_size} neurons" + \
             (" (+ compensation bias)" if entry.bias is not None else "")
     for site in analysis.attention:
         entry = by_o.get(weight_name(site.o.weight)) if site.o is not None else None
@@ -136,7 +141,7 @@ def apply_plan(gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, refused:
                              "head_unit='query', use_cache=False, or export the pruned model and compile that")
         _apply_heads(gm, analysis.inputs, site, entry)
         result.rewrites["heads"] += 1
-        result.sites[f"layer {site.layer} attention"] = (
+        result.sites[site.name] = (
             f"kept {len(entry.keep_heads)} of {site.num_heads} query heads, "
             f"{len(entry.keep_kv_heads)} of {site.num_kv_heads} KV heads" + (" (+ compensation bias)" if entry.bias else ""))
     if result.rewrites["mlp"] or result.rewrites["heads"]:
@@ -170,8 +175,10 @@ def _weights(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[torch.Tensor]:
 def structured_prune_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPruneConfig,
                           ctx) -> PassResult:
     """Build (or reuse) the Plan for this model and apply it."""
-    refused = {f"layer {site.layer} attention": reason for site in analysis.attention
+    refused = {site.name: reason for site in analysis.attention
                if config.head_ratio > 0 and (reason := head_refusal(site)) is not None}
+    if config.mlp_ratio > 0:
+        refused.update({region.name: region.reason for region in analysis.skipped if region.kind == "experts"})
     method = method_of(config)[1]
     key = _plan_key(gm, analysis, config)
     weights = _weights(gm, analysis)

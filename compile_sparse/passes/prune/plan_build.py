@@ -9,9 +9,10 @@ import torch
 import torch.fx as fx
 
 from ...analysis import AttentionSite, GraphAnalysis, LinearOp
+from ...analysis.ops import is_parameter, shape_of
 from ...calibration import Calibration, calibrate
 from ...plan import HeadPlan, MLPPlan, Plan, head_channels
-from ..toolkit import out_in, weight_name, weight_value
+from ..toolkit import forward_nodes, out_in, weight_name, weight_value
 from .allocate import allocate, head_units, outlier_share
 from .config import ChannelGroup, StructuredPruneConfig
 
@@ -42,9 +43,17 @@ def head_refusal(site: AttentionSite) -> str | None:
         return "q, k and v come from one fused projection (split sizes carry the head count): heads not pruned"
     if site.o is None:
         return "no output projection after the attention: heads not pruned"
+    for proj, heads in ((site.q, site.num_heads), (site.k, site.num_kv_heads)):
+        width = heads * site.head_dim
+        if any(is_parameter(arg) and (shape_of(arg) or (0,))[-1] == width
+               for node in forward_nodes(proj.node, site.node) for arg in node.all_input_nodes):
+            return (f"a parameter of the projection's full width ({width}) acts on it across all heads (OLMo-2's "
+                    "QK-norm?): heads not pruned")
+    mask = shape_of(site.mask) if site.mask is not None else None
+    if mask is not None and len(mask) == 4 and mask[1] != 1:
+        return ("the scores add a bias per head (relative positions or ALiBi), which the pass does not slice: "
+                "heads not pruned")
     return None
-
-
 
 def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPruneConfig, method: str) -> Plan:
     """Calibrate (if the criterion needs it), score, allocate: the Plan for this graph's sites."""
@@ -53,8 +62,8 @@ def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPr
     calib = None
     if config.needs_calibration() and (mlps or heads):
         consumers = [s.down for s in mlps] + [s.o for s in heads]
-        weights = [p.weight for s in mlps for p in (s.gate, s.up, s.down) if p is not None] + \
-                  [p.weight for s in heads for p in (s.q, s.o)]
+        weights = list(dict.fromkeys([p.weight for s in mlps for p in (s.gate, s.up, s.down) if p is not None] +
+                                     [p.weight for s in heads for p in (s.q, s.o)]))  # fused gate_up once
         calib = calibrate(gm, analysis.inputs, config.calibration, [c.input for c in consumers],
                           grad_weights=weights, gradients=config.NEEDS == "gradients")
     score = config.score
@@ -70,7 +79,8 @@ def build_plan(gm: fx.GraphModule, analysis: GraphAnalysis, config: StructuredPr
         plan.mlp.append(MLPPlan(site.layer, site.intermediate_size, keep.tolist(),
                                 {"gate": weight_name(site.gate.weight) if site.gate else None,
                                  "up": weight_name(site.up.weight), "down": weight_name(site.down.weight)},
-                                compensation(group, removed, config.BIAS_COMPENSATION)))
+                                compensation(group, removed, config.BIAS_COMPENSATION),
+                                {"gate": site.gate.rows[0], "up": site.up.rows[0]} if site.fused else None))
 
     head_groups, units = [], []
     for site in heads:
