@@ -133,7 +133,6 @@ def _split_gate(ups: list[LinearOp]) -> tuple[LinearOp | None, LinearOp]:
     return None, first
 
 
-
 def expert_regions(graph: fx.Graph) -> list[SkippedRegion]:
     """Mixture-of-experts MLPs: per layer, the 3-D parameters (experts, out, in) that grouped or
     batched matmuls read behind a router, as one region each (kind "experts") with the expert
