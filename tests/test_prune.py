@@ -378,3 +378,27 @@ def test_smollm2_uniform_mlp_widths_and_export(tmp_path):
     torch.testing.assert_close(dense(reloaded, x), logits, atol=1e-4, rtol=1e-4)
     assert math.isclose(sum(p.numel() for p in reloaded.parameters()),
                         sum(p.numel() for p in model.parameters()) - 30 * 614 * 3 * 576)
+
+
+def test_fused_gate_up_is_pruned_in_both_halves_and_exported(tmp_path):
+    """Phi-3's gate_up_proj (one Linear, split by chunk): the kept neurons' rows of both halves are
+    kept, the plan records the halves' offsets, and the exported checkpoint loads in plain
+    transformers with the compiled pruned model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from .architectures import build, inputs
+
+    model, ids = build("phi3"), inputs("phi3")["input_ids"]
+    plan_file = tmp_path / "plan.json"
+    options = {"prune": {"method": "magnitude", "mlp_ratio": 0.5, "save_plan": str(plan_file)}, "lowering": "eager"}
+    with torch.no_grad():
+        pruned = torch.compile(model, backend="sparse", options=options)(ids, use_cache=False).logits
+    plan = compile_sparse.Plan.load(plan_file)
+    assert [(m.width, len(m.keep), m.offsets) for m in plan.mlp] == [(128, 64, {"gate": 0, "up": 128})] * 2
+    rows = plan.mlp[0].producer_rows()[plan.mlp[0].weights["up"]]
+    assert rows.tolist() == plan.mlp[0].keep + [k + 128 for k in plan.mlp[0].keep]
+    compile_sparse.export(model, plan, tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids, use_cache=False).logits, pruned, atol=1e-5, rtol=1e-4)
