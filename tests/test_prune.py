@@ -397,6 +397,10 @@ def test_fused_gate_up_is_pruned_in_both_halves_and_exported(tmp_path):
     assert [(m.width, len(m.keep), m.offsets) for m in plan.mlp] == [(128, 64, {"gate": 0, "up": 128})] * 2
     rows = plan.mlp[0].producer_rows()[plan.mlp[0].weights["up"]]
     assert rows.tolist() == plan.mlp[0].keep + [k + 128 for k in plan.mlp[0].keep]
+    for layer, entry in zip(model.model.layers, plan.mlp):  # magnitude: gate row, up row and down column
+        gate_up, down = layer.mlp.gate_up_proj.weight.double(), layer.mlp.down_proj.weight.double()
+        norms = (gate_up[:128] ** 2).sum(1) + (gate_up[128:] ** 2).sum(1) + (down ** 2).sum(0)
+        assert entry.keep == norms.topk(64).indices.sort().values.tolist()
     compile_sparse.export(model, plan, tmp_path / "out")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert exported.model.layers[0].mlp.gate_up_proj.weight.shape == (128, 64)

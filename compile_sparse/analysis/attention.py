@@ -4,6 +4,7 @@ heads, causality (read off the mask the graph builds) and the KV cache it reads.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -176,6 +177,7 @@ def _is_causal_mask(allowed: torch.Tensor, q_len: int, kv_len: int) -> bool | No
 
 
 _CASTS = ("to", "type", "float", "contiguous")
+_SCORE_OPS = MATMUL + _CASTS + ("mul", "truediv", "div", "tanh")  # what the scores pass before a mask is added
 
 
 @dataclass
@@ -248,9 +250,7 @@ def _match_matmul_softmax(softmax: fx.Node) -> _Scores | None:
     for _ in range(12):
         name = op_name(node)
         if name in MATMUL:
-            scale = None
-            for factor in factors:
-                scale = factor if scale is None else scale * factor
+            scale = math.prod(factors) if factors else None
             return _Scores(node.args[0], node.args[1], pv.args[1], pv, mask, how, scale, softcap)
         factor = _factor(node)
         if name == "tanh" and softcap is None and factors and _factor(node.args[0]) is not None:
@@ -267,8 +267,7 @@ def _match_matmul_softmax(softmax: fx.Node) -> _Scores | None:
             node = node.args[0]
         elif name == "add":
             a, b = node.args[0], node.args[1]
-            scores_first = op_name(a) in MATMUL + _CASTS + ("mul", "truediv", "div", "tanh") \
-                or op_name(b) not in MATMUL + _CASTS + ("mul", "truediv", "div", "tanh")
+            scores_first = op_name(a) in _SCORE_OPS or op_name(b) not in _SCORE_OPS
             node, mask, how = (a, b, "additive") if scores_first else (b, a, "additive")
         elif name == "masked_fill":
             mask, how, node = node.args[1], "bool_block", node.args[0]
