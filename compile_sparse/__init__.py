@@ -6,7 +6,9 @@ The backend is registered through the ``torch_dynamo_backends`` entry point, so 
 package is not needed for ``backend="sparse"``.
 """
 
-from . import methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
+import sys
+
+from . import cache, methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
 from .analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, SkippedRegion, analyze
 from .backend import PassError, SparseWarning, StrictError, sparse_backend
 from .explain import explain
@@ -36,7 +38,7 @@ from .transform import transform
 
 __all__ = [
     "AttentionSite", "GraphAnalysis", "LinearOp", "MLPSite", "PassError", "RECIPES", "Report", "SkippedRegion",
-    "SparseOptions", "SparseStaticCache", "SparseWarning", "StrictError", "analyze", "explain", "export", "parse_options", "sparse_backend", "transform",
+    "SparseOptions", "SparseWarning", "StrictError", "analyze", "explain", "export", "parse_options", "sparse_backend", "transform",
     # KV-cache eviction configs (options={"kv": H2OConfig(compression_ratio=0.75)})
     "H2OConfig", "HitKVConfig", "KnormConfig", "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
     # token reduction configs (options={"tokens": LazyLLMConfig(layers=[4], keep_ratios=[0.5])})
@@ -48,10 +50,5 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    """``compile_sparse.SparseStaticCache`` imports transformers only when asked for."""
-    if name == "SparseStaticCache":
-        from .cache import SparseStaticCache
-
-        return SparseStaticCache
-    raise AttributeError(f"module 'compile_sparse' has no attribute {name!r}")
+if "transformers" in sys.modules:  # HF's StaticCache buffers may shrink (compile_sparse.cache)
+    cache.install()

@@ -1,56 +1,63 @@
-"""``SparseStaticCache``: a StaticCache whose buffers shrink to what KV eviction keeps.
+"""HF's StaticCache, with buffers that shrink to what KV eviction keeps.
 
-HF's StaticCache cannot hold a buffer smaller than ``max_cache_len``: ``generate`` builds each
-step's attention mask ``StaticLayer.get_mask_sizes()`` wide, and that is ``max_cache_len``, a plain
-attribute, so a smaller buffer makes the model's own attention fail to trace. With HF's StaticCache
-the backend therefore keeps the budget *inside* the full buffers (eviction holds, memory does not
-shrink). This subclass reports the mask as wide as its buffers, so after a prompt the backend
-resizes them to the budget (and the decode window, for methods without a decode rule):
+HF's ``StaticLayer`` builds every step's attention mask ``get_mask_sizes()`` wide, and that is
+``max_cache_len``, a plain attribute: with a buffer smaller than that, the model's own attention
+fails to trace, so the buffers could only keep the budget *inside* their full length. The first
+time the KV pass rewrites a StaticCache (or on ``import compile_sparse`` once transformers is
+loaded), ``install()`` changes three methods of ``StaticLayer``, for every buffer compile_sparse
+did not resize a no-op:
 
-    cache = compile_sparse.SparseStaticCache(model.config, max_cache_len=ids.shape[1] + 64, batch_size=1)
-    model.generate(ids, past_key_values=cache, max_new_tokens=64)
+- ``get_mask_sizes``: the width of the layer's buffers (``max_cache_len`` until compile_sparse
+  resizes them);
+- ``reset`` (``generate`` resets a cache it reuses): resized buffers get their full length back,
+  the same tensor objects;
+- ``lazy_initialization``: the buffers it allocates outside a compiled graph are ones the backend
+  may resize (``compile_sparse.state.allow_resize``; buffers a compiled prefill allocates are the
+  graph's outputs, marked by the backend's wrapper).
 
-``reset()`` (``generate`` resets a cache it reuses) gives the buffers back their full length.
+After a prompt, the backend then hands the cache buffers of the budget's size (plus room for the
+tokens still to come, for a method without a decode rule), and each decode step writes its token
+into a slot in place: ``generate(..., cache_implementation="static")`` holds the budget's bytes.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
-from transformers.cache_utils import StaticLayer
 
 from .state import allow_resize
 
-class SparseStaticLayer(StaticLayer):
-    """A StaticLayer whose attention mask is as wide as its buffers, whatever their size."""
+_installed = False
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        allow_resize(self.keys)
-        allow_resize(self.values)
+
+def install() -> bool:
+    """Let HF's StaticLayer hold buffers of any length (idempotent). False without transformers."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        from transformers.cache_utils import StaticLayer
+        from transformers.utils import is_torchdynamo_compiling
+    except ImportError:
+        return False
+    lazy_initialization, reset = StaticLayer.lazy_initialization, StaticLayer.reset
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return (self.keys.shape[-2] if self.is_initialized else self.max_cache_len), 0
 
-    def reset(self) -> None:
-        """Empty the cache and give the buffers their full length again (same tensor objects)."""
-        if self.is_initialized:
+    def initialize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        lazy_initialization(self, key_states, value_states)
+        if not is_torchdynamo_compiling():
+            allow_resize(self.keys)
+            allow_resize(self.values)
+
+    def full_reset(self) -> None:
+        if self.is_initialized and self.keys.shape[-2] != self.max_cache_len:
             for buffer in (self.keys, self.values):
                 shape = (*buffer.shape[:2], self.max_cache_len, buffer.shape[-1])
                 buffer.set_(torch.zeros(shape, dtype=buffer.dtype, device=buffer.device))
-        super().reset()
+        reset(self)
 
-
-class SparseStaticCache(StaticCache):
-    """A StaticCache (every full-attention layer a SparseStaticLayer), allocated up front for
-    ``batch_size`` sequences of ``max_cache_len`` tokens in ``dtype`` on ``device``."""
-
-    def __init__(self, config, max_cache_len: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", **kwargs) -> None:
-        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self.layers = [SparseStaticLayer(max_cache_len=max_cache_len) if type(layer) is StaticLayer else layer
-                       for layer in self.layers]
-        text = config.get_text_config(decoder=True)
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
+    get_mask_sizes.__doc__ = "The attention mask is as wide as the buffers (compile_sparse.cache)."
+    StaticLayer.get_mask_sizes, StaticLayer.lazy_initialization, StaticLayer.reset = get_mask_sizes, initialize, full_reset
+    _installed = True
+    return True

@@ -90,6 +90,12 @@ def add_buffers(gm: fx.GraphModule, slot: BufferSlot) -> None:
     gm.meta.setdefault("compile_sparse_buffers", []).append(slot)
 
 
+def add_new_buffers(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Graph outputs that become a StaticCache's buffers (a prefill that allocated the cache):
+    the wrapper lets the backend resize them later (``allow_resize``)."""
+    gm.meta.setdefault("compile_sparse_new_buffers", []).extend(nodes)
+
+
 def state_slots(gm: fx.GraphModule) -> list[StateSlot]:
     return gm.meta.get("compile_sparse_state", [])
 
@@ -167,7 +173,7 @@ _RESIZABLE: dict[int, weakref.ref] = {}  # cache buffers the backend may give a 
 
 
 def allow_resize(tensor: torch.Tensor) -> None:
-    """Let the backend resize this cache buffer (a SparseStaticCache's, compile_sparse.cache)."""
+    """Let the backend resize this cache buffer (a StaticCache's, compile_sparse.cache)."""
     key = id(tensor)
     _RESIZABLE[key] = weakref.ref(tensor, lambda _, key=key: _RESIZABLE.pop(key, None))
 
@@ -184,6 +190,7 @@ def with_state(fn: Callable, gm: fx.GraphModule, store: StateStore) -> Callable:
     slots, buffers = state_slots(gm), buffer_slots(gm)
     if not slots and not buffers:
         return fn
+    new_buffers = [output_node(gm.graph).args[0].index(n) for n in gm.meta.get("compile_sparse_new_buffers", [])]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     outputs = list(output_node(gm.graph).args[0])
     num_user_outputs = len(outputs) - len(slots) - sum(len(b.kept) for b in buffers)
@@ -213,6 +220,8 @@ def with_state(fn: Callable, gm: fx.GraphModule, store: StateStore) -> Callable:
             position = state_outputs[state_index]
             results[position] = slot.store([args[i] for i in buffer_index], [results[i] for i in kept_index],
                                            results[position])
+        for index in new_buffers:
+            allow_resize(results[index])
         for (index, is_output), position in zip(owners, state_outputs):
             store.put(results[index] if is_output else args[index], results[position])
         return tuple(results[:num_user_outputs])

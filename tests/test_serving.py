@@ -1,5 +1,5 @@
 """KV eviction on the paths a serving loop takes: any prompt length through one graph, the
-StaticCache generate() builds (and SparseStaticCache, whose buffers shrink), left-padded batches,
+StaticCache generate() builds or a user passes (its buffers shrink to the budget), left-padded batches,
 in-place decode steps; and never a silent fallback: a warning for whatever the options ask for
 that is not done, an error with "strict"."""
 
@@ -100,35 +100,65 @@ def test_a_token_method_says_when_prompt_lengths_stop_being_compressed():
 # ---------------------------------------------------------------------------------------------
 
 
+def static_cache(model, length):
+    return tf.StaticCache(config=model.config, max_cache_len=length)
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_static_caches_generate_what_a_dynamic_cache_generates(method):
-    """HF's StaticCache (cache_implementation="static") keeps the budget inside its buffers;
-    SparseStaticCache's buffers shrink to it (plus room for the new tokens, for a method without a
-    decode rule); both generate the DynamicCache's tokens."""
+def test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generates(method):
+    """The StaticCache generate() builds (cache_implementation="static") and one the user passes,
+    each used for two prompts (reset in between): their buffers shrink to the budget (plus room for the new
+    tokens, for a method without a decode rule), measured in bytes, and they generate the
+    DynamicCache's tokens."""
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
     options = {"kv": kv(method, 0.5), "lowering": "eager"}
     dynamic = generate(compiled(models.tiny_llama(), options), ids)
-    static = generate(compiled(models.tiny_llama(), options), ids, cache_implementation="static")
     model = compiled(models.tiny_llama(), options)
-    sparse = generate(model, ids, past_key_values=compile_sparse.SparseStaticCache(model.config, 48, batch_size=2))
-    assert torch.equal(static.sequences, dynamic.sequences) and torch.equal(sparse.sequences, dynamic.sequences)
+    static = [generate(model, ids, cache_implementation="static") for _ in range(2)]  # generate reuses its cache
+    model = compiled(models.tiny_llama(), options)
+    cache = static_cache(model, 48)
+    passed = [generate(model, ids, past_key_values=cache)]
+    cache.reset()  # the full buffers back, for a second prompt
+    passed.append(generate(model, ids, past_key_values=cache))
     evicts = build("kv", method, {"compression_ratio": 0.5}).decode
     widest = max(budget(method, 0.5, 40, layer) for layer in range(2))  # one mask width for every layer
-    for layer, (kept, full) in enumerate(zip(sparse.past_key_values.layers, static.past_key_values.layers)):
-        slots = widest + (0 if evicts else 8)  # room for the 8 new tokens without a decode rule
-        assert kept.keys.shape[-2] == kept.values.shape[-2] == slots
-        assert kept.keys.untyped_storage().nbytes() == 2 * 2 * slots * 16 * 4  # (B, Hkv, slots, D) fp32, measured
-        real = (STATE.store.get(kept.keys)[..., 0] >= 0).sum(-1)  # (B, Hkv) slots holding a token
-        assert (real == budget(method, 0.5, 40, layer) + (0 if evicts else 7)).all()  # 7 steps fed back
-        assert full.keys.shape[-2] == 47  # HF's: max_cache_len (prompt + new tokens - 1)
+    for out, room in (*((s, 7) for s in static), *((p, 8) for p in passed)):  # generate's: prompt + new tokens - 1
+        assert torch.equal(out.sequences, dynamic.sequences)
+        for layer, kept in enumerate(out.past_key_values.layers):
+            slots = widest + (0 if evicts else room)  # room for the new tokens without a decode rule
+            assert kept.keys.shape[-2] == kept.values.shape[-2] == slots
+            assert kept.keys.untyped_storage().nbytes() == 2 * 2 * slots * 16 * 4  # (B, Hkv, slots, D) fp32, measured
+            real = (STATE.store.get(kept.keys)[..., 0] >= 0).sum(-1)  # (B, Hkv) slots holding a token
+            assert (real == budget(method, 0.5, 40, layer) + (0 if evicts else 7)).all()  # 7 steps fed back
+
+
+def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_says_so():
+    """Buffers compile_sparse may not resize (not allocated by HF's StaticLayer since compile_sparse
+    was imported): the budget is kept at their start, the same tokens come out, and a warning says
+    the memory is not saved."""
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(5))
+    options = {"kv": kv("h2o", 0.5), "lowering": "eager"}
+    dynamic = generate(compiled(models.tiny_llama(), options), ids)
+    model = compiled(models.tiny_llama(), options)
+    cache = static_cache(model, 48)
+    cache.early_initialization(1, 2, 16, torch.float32, torch.device("cpu"))
+    for layer in cache.layers:  # buffers of the user's own, as if allocated before the import
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    STATE.warned.discard(("static buffers",))
+    with pytest.warns(compile_sparse.SparseWarning, match="budget is kept inside its full-length buffers"):
+        out = generate(model, ids, past_key_values=cache)
+    assert torch.equal(out.sequences, dynamic.sequences)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [48, 48]
+    state = STATE.store.get(cache.layers[0].keys)
+    assert int((state[..., 0] >= 0).sum(-1).max()) == budget("h2o", 0.5, 40)  # the budget, at the buffers' start
 
 
 def test_static_decode_compiles_once_and_writes_in_place():
-    """32 decode steps with H2O over a SparseStaticCache: one decode graph, the cache tensors keep
-    their storage (each step writes one token into the slot it frees)."""
+    """32 decode steps with H2O over a StaticCache: one decode graph, the cache tensors keep their
+    storage (each step writes one token into the slot it frees)."""
     model = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.75), "lowering": "eager"})
     ids = torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(1))
-    cache = compile_sparse.SparseStaticCache(model.config, max_cache_len=96, batch_size=1)
+    cache = static_cache(model, 96)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         keys = [layer.keys for layer in cache.layers]
@@ -148,8 +178,9 @@ def test_the_default_recipe_works_with_generates_static_cache():
     model = compiled(models.tiny_llama(), {"lowering": "eager"})
     out = generate(model, torch.randint(3, 100, (1, 96)), cache_implementation="static")
     assert out.sequences.shape[1] == 104
-    state = STATE.store.get(out.past_key_values.layers[0].keys)  # [position, priority, ...] per buffer slot
-    assert int((state[..., 0] >= 0).sum(-1).max()) == uniform_budget(96, 0.75)  # the budget, in HF's full buffer
+    keys = out.past_key_values.layers[0].keys
+    assert keys.shape[-2] == uniform_budget(96, 0.75)  # HF's buffer holds the budget, not max_cache_len
+    assert int((STATE.store.get(keys)[..., 0] >= 0).sum()) == uniform_budget(96, 0.75) * 2  # every slot real, both KV heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +229,7 @@ def test_a_left_padded_batch_keeps_for_each_row_what_the_row_keeps_alone(method)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["static", "sparse", "padded", "lengths"])
+@pytest.mark.parametrize("path", ["static", "passed", "padded", "lengths"])
 def test_ratio_zero_equals_dense_on_every_path(path):
     plain = models.tiny_llama()
     sparse = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.0), "lowering": "eager"})  # the same weights
@@ -208,8 +239,8 @@ def test_ratio_zero_equals_dense_on_every_path(path):
         def kwargs(model):
             if path == "static":
                 return {"cache_implementation": "static"}
-            if path == "sparse":
-                return {"past_key_values": compile_sparse.SparseStaticCache(model.config, 48, batch_size=2)}
+            if path == "passed":
+                return {"past_key_values": static_cache(model, 48)}
             if path == "padded":
                 mask = torch.ones_like(prompt)
                 mask[1, :10] = 0

@@ -105,8 +105,8 @@ def _portion_features(trace: _Trace, head_dim: int) -> int:
     full = example_value(trace.linear.node)
     for node in reversed(trace.path[:-1]):  # from the projection forwards
         value = example_value(node)
-        if op_name(node) == "cat":
-            break
+        if op_name(node) == "cat" or (trace.cache is not None and node is trace.cache.input):
+            break  # the cache: what comes after it is not a part of the projection
         if isinstance(value, torch.Tensor) and value.numel() < full.numel() and value.shape[-1] >= head_dim:
             return trace.linear.out_features * value.numel() // full.numel()
     return trace.linear.out_features

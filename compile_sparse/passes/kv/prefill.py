@@ -185,7 +185,7 @@ def pad_empty(state: Tensor, length: int) -> Tensor:
 def widest(keys: Tensor, values: Tensor, state: Tensor, new: Tensor, *, spec: str,
            num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
     """Pad a layer's kept slots with empty ones to the widest layer's budget (for a prompt of
-    ``new.shape[2]`` tokens): one attention mask serves every layer of a SparseStaticCache, so its
+    ``new.shape[2]`` tokens): one attention mask serves every layer of a StaticCache, so its
     buffers share one length even when the method's budgets differ per layer (PyramidKV)."""
     config = config_of(spec)
     length = new.shape[2]
@@ -205,11 +205,19 @@ def write_prefix(buffer_k: Tensor, buffer_v: Tensor, keys: Tensor, values: Tenso
     return pad_empty(state, buffer_k.shape[2])
 
 
-def keep_in_buffers(buffers: list[Tensor], kept: list[Tensor], state: Tensor) -> Tensor:
-    """After a prompt over StaticCache buffers passed in: a SparseStaticCache's buffers take the
-    kept slots' size (``set_``); HF's keep their length, the kept slots written at their start."""
-    if all(is_resizable(buffer) for buffer in buffers):
+def keep_in_buffers(buffers: list[Tensor], kept: list[Tensor], state: Tensor, *, resize: bool) -> Tensor:
+    """After a prompt over StaticCache buffers passed in: with ``resize`` (every full-attention layer
+    of the graph compressed), buffers HF's StaticLayer allocated take the kept slots' size
+    (``set_``, compile_sparse.cache); otherwise they keep their length, the kept slots written at
+    their start."""
+    if resize and all(is_resizable(buffer) for buffer in buffers):
         for buffer, tokens in zip(buffers, kept):
             buffer.set_(tokens)
         return state
+    if resize:
+        from ...backend import notify
+
+        notify(("static buffers",), "a StaticCache whose buffers were not allocated by HF's StaticLayer after "
+               "compile_sparse was imported: the budget is kept inside its full-length buffers (eviction holds, "
+               "the memory is not saved); import compile_sparse before allocating the cache", False)
     return write_prefix(*buffers, *kept, state)

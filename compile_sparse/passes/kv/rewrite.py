@@ -3,12 +3,15 @@ that the cache the model hands back holds only what the method keeps.
 
 - **Prefill** (the cache starts empty in the graph; DynamicCache, or a StaticCache allocated in
   the graph): ``kv_prefill`` keeps each row's budget of its real (unpadded) tokens, and the graph
-  hands back those slots in place of the full cache. For methods that score with every query's
+  hands back those slots in place of the full cache (a StaticCache's buffers become them:
+  compile_sparse.cache lets HF's StaticLayer hold buffers of any length). For methods that score with every query's
   attention, ``kv_attention_totals`` computes the attention output and the scores in one pass.
   Budgets are expressions of the prompt length: one graph serves every length.
 - **A prompt over a StaticCache passed in** (``generate`` reuses its StaticCache; a user's own):
   the same, attending to the prompt's own tokens, and the backend resizes the cache's buffers to
   the kept slots after the call.
+- A StaticCache whose buffers cannot shrink (a full-attention layer of the graph left as it is: one
+  mask serves every layer) keeps the budget at the start of its full-length buffers.
 - **One new token** over a compressed cache, for methods with a decode rule: ``slot_decode``
   writes it in place into the slot the rule frees (one compiled graph, no copy of the cache).
   A StaticCache for a method without a decode rule fills the free slots kept after its prompt.
@@ -21,6 +24,7 @@ in the backend's state store (compile_sparse.state).
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -31,7 +35,8 @@ from ...analysis import AttentionSite, GraphAnalysis, example_value
 from ...analysis.ops import op_name
 from ...reference import mask_allows
 from ...report import PassResult
-from ...state import BufferSlot, StateSlot, add_buffers, add_state, add_state_input
+from ... import cache
+from ...state import BufferSlot, StateSlot, add_buffers, add_state, add_state_input, add_new_buffers
 from ..context import PassContext
 from ..registry import method_of, register_pass
 from ..toolkit import inserting_after_all, output_node, remove_dead_code
@@ -105,8 +110,10 @@ def _refusal(site: AttentionSite) -> str | None:
 class _Site:
     """One site's rewrite: the nodes it reads and adds."""
 
-    def __init__(self, gm: fx.GraphModule, site: AttentionSite, config: KVConfig, ctx: PassContext, num_layers: int):
+    def __init__(self, gm: fx.GraphModule, site: AttentionSite, config: KVConfig, ctx: PassContext, num_layers: int,
+                 resize: bool):
         self.gm, self.graph, self.site, self.config, self.ctx = gm, gm.graph, site, config, ctx
+        self.resize = resize  # StaticCache buffers take the kept slots' size
         self.spec = spec_of(config)
         self.num_layers = num_layers
         self.k, self.v = site.k_cache, site.v_cache
@@ -175,32 +182,38 @@ class _Site:
 
     def prefill(self) -> tuple[str, str]:
         """The cache starts empty here: the graph hands back the kept slots (a StaticCache made here
-        keeps its length: the kept slots are written at its start)."""
+        takes them as its buffers, or, without ``resize``, keeps its length, the kept slots written
+        at its start)."""
         kept = self.prompt()
         static = self.k.kind == "index_copy"
-        with inserting_after_all(self.graph, kept):
-            if static:
-                keys, values, state = self.free_slots(kept, self.k.input, 2)
-                state = self.call(write_prefix, self.k.output, self.v.output, keys, values, state)
         if static:
-            add_state(self.gm, StateSlot(self.name, None, None, state, self.k.output))
-            return "prefill eviction", "prefill eviction (HF's StaticCache keeps its full buffers; the budget is kept in them)"
+            with inserting_after_all(self.graph, kept):
+                kept = self.free_slots(kept, self.k.input, 2)
+                if not self.resize:
+                    state = self.call(write_prefix, self.k.output, self.v.output, *kept)
+            if not self.resize:
+                add_state(self.gm, StateSlot(self.name, None, None, state, self.k.output))
+                return "prefill eviction", "prefill eviction (the StaticCache keeps its full buffers; the budget is kept in them)"
         keys, values, state = kept
         self.hand_back(self.k.output, keys)
         self.hand_back(self.v.output, values)
         add_state(self.gm, StateSlot(self.name, None, None, state, keys))
+        if static:
+            add_new_buffers(self.gm, [keys, values])
+            return "prefill eviction", "prefill eviction (the StaticCache's buffers hold the kept slots)"
         return "prefill eviction", "prefill eviction"
 
     def static_prompt(self) -> tuple[str, str]:
         """A prompt written into StaticCache buffers passed in: after the call the buffers take the
-        kept slots (a SparseStaticCache's are resized to them, HF's keep their length)."""
+        kept slots (resized to them, or, without ``resize``, written at their start)."""
         kept = self.prompt()
         with inserting_after_all(self.graph, kept):
             keys, values, state = self.free_slots(kept, self.k.input, 2)
         slot = StateSlot(self.name, None, self.k.input, state, None)
         add_state(self.gm, slot)
         counter = _counter(self.k.update)
-        add_buffers(self.gm, BufferSlot([self.k.input, self.v.input], [keys, values], slot, keep_in_buffers,
+        add_buffers(self.gm, BufferSlot([self.k.input, self.v.input], [keys, values], slot,
+                                        functools.partial(keep_in_buffers, resize=self.resize),
                                         _fresh_check(self.gm, counter) if counter is not None else None))
         return "prefill eviction", "prefill eviction (into the StaticCache passed in)"
 
@@ -294,6 +307,9 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
         result.sites["graph"] = "compression_ratio 0: nothing is evicted, the graph is unchanged"
         return result
     num_layers = max(s.layer for s in sites) + 1
+    # one attention mask serves every full-attention layer: StaticCache buffers shrink only when all do
+    static = [s for s in sites if s.k_cache.kind == "index_copy" and not s.cross]
+    resize = bool(static) and cache.install() and all(_refusal(s) is None for s in static)
     bytes_before = bytes_after = 0
     symbolic = False
     for site in sites:
@@ -305,7 +321,7 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
         if reason is not None:
             result.refuse(name, reason)
             continue
-        rewrite = _Site(gm, site, config, ctx, num_layers)
+        rewrite = _Site(gm, site, config, ctx, num_layers, resize)
         n = example_value(site.query).shape[2]
         if site.k_cache.prefill:
             kind, what = rewrite.prefill()
