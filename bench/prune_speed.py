@@ -25,6 +25,7 @@ import torch
 from compile_sparse import models
 from compile_sparse.export import shrink_model
 from compile_sparse.plan import Plan
+from compile_sparse.progress import progress
 
 
 def main() -> None:
@@ -55,14 +56,12 @@ def main() -> None:
         print(f"ideal: compiled and ran in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         max_diff = (first["pruned"] - first["ideal"]).abs().max().item()
         times = {name: [] for name in variants}
-        for r in range(args.rounds + 1):
+        for r in progress(range(args.rounds + 1), desc="rounds", unit="round"):
             for name, fn in variants.items():
                 start = time.perf_counter()
                 fn(ids, use_cache=False)
                 if r:  # round 0 warms up
                     times[name].append((time.perf_counter() - start) * 1e3)
-            print(f"\r  round {r}/{args.rounds}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     ms = {name: statistics.median(t) for name, t in times.items()}
     out = {"model": "smollm2", "tokens": args.tokens, "options": {"prune": {k: v for k, v in prune.items() if k != "save_plan"}},
            "threads": torch.get_num_threads(), "rounds": args.rounds,

@@ -51,7 +51,7 @@ def compile_times(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> d
 
 def prefill_times(dense, sparse, ids: torch.Tensor, rounds: int) -> dict:
     """Median ms of a prefill of ``ids``, dense and sparse, timed in turn."""
-    times = interleaved({"dense": prefill(dense, ids), "sparse": prefill(sparse, ids)}, rounds)
+    times = interleaved({"dense": prefill(dense, ids), "sparse": prefill(sparse, ids)}, rounds, desc="prefill rounds")
     return {"dense_ms": times["dense"]["median_ms"], "sparse_ms": times["sparse"]["median_ms"],
             "speedup": times["dense"]["median_ms"] / times["sparse"]["median_ms"],
             "spread": {side: t["spread"] for side, t in times.items()}}
@@ -68,7 +68,7 @@ def decode_times(dense, sparse, dense_cache, sparse_cache, position: int, rounds
     steps = {"dense": decode_step(dense, dense_cache, batch, position, keep_length=True),
              "ideal": decode_step(dense, ideal_cache, batch, position, keep_length=True),
              "sparse": decode_step(sparse, sparse_cache, batch, position)}
-    times = interleaved(steps, rounds, warmup=2)
+    times = interleaved(steps, rounds, warmup=2, desc="decode rounds")
     out = {f"{side}_ms": t["median_ms"] for side, t in times.items()}
     return {**out, "batch": batch, "kept": kept, "speedup": out["dense_ms"] / out["sparse_ms"],
             "vs_ideal": out["sparse_ms"] / out["ideal_ms"], "spread": {side: t["spread"] for side, t in times.items()},

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .analysis import is_parameter
+from .progress import progress
 
 
 @dataclass
@@ -130,7 +130,7 @@ def calibrate(gm: fx.GraphModule, inputs: Sequence[Any], batches: Sequence[torch
             i = placeholders.index(node)
             leaves[node.name] = args[i] = inputs[i].detach().requires_grad_(True)
     recorder = _Recorder(gm, result, {n.name for n in watch}, gradients)
-    for batch in tqdm(batches, desc="calibrating", unit="batch", leave=False):
+    for batch in progress(batches, desc="calibrating", unit="batch"):
         if not isinstance(batch, torch.Tensor) or tuple(batch.shape) != expected:
             raise ValueError(f"calibration batches must be token-id tensors shaped like the compiled input "
                              f"{expected}; got {tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")

@@ -1,10 +1,13 @@
 """``compile-sparse``: the command line. Options are the torch.compile options dict, as JSON.
 
-    compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N] [--per-layer]
+    compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N] [--per-layer] [--quiet]
     compile-sparse methods [--json FILE]
     compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm} [--options JSON ...]
-                       [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png]
-    compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE]
+                       [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png] [--quiet]
+    compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE] [--quiet]
+
+MODEL is a zoo name or a local folder that transformers loads (config.json, weights, its tokenizer).
+Progress bars go to stderr when it is a terminal; --quiet turns them off.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .explain import explain
 from .options import parse_options
 from .passes.registry import FAMILIES, METHODS
 from .passes.tokens.schedule import per_layer
+from .progress import progress, set_quiet
 from .timing import prefill
 
 PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
@@ -84,7 +88,7 @@ def _ctx_continuation(args, model, tokenizer, settings) -> tuple[list[dict], lis
     dense = ev.dense_ppl(model, docs)
     dense_geomean = math.exp(sum(math.log(p) for p in dense.values()) / len(dense))
     rows, points, truncated = [], [], {}
-    for options in settings:
+    for options in progress(settings, desc="settings", unit="setting"):
         options = ev.with_calibration(options, tokenizer)
         torch.compiler.reset()
         compiled = ev.compiled_forward(model, {"lowering": "eager", **options})
@@ -109,7 +113,7 @@ def _window_ppl(args, model, tokenizer, settings) -> tuple[list[dict], list[dict
     dense = ev.window_ppl("dense", ev.logits_forward(model), docs)
     total = sum(p.numel() for p in model.parameters())
     rows, points = [], []
-    for options in settings:
+    for options in progress(settings, desc="settings", unit="setting"):
         options = ev.with_calibration(options, tokenizer, length=ev.WINDOW)
         window = next(iter(docs.values()))[:1]  # (1, W): the compiled shape
         report = explain(model, input_ids=window, use_cache=False, options=options)
@@ -136,7 +140,7 @@ def _minilm(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
         dense = [embed(s, torch.ones_like(s)) for s in sentences]
     layers = model.config.num_hidden_layers
     rows, points, truncated = [], [], {}
-    for options in settings:
+    for options in progress(settings, desc="settings", unit="setting"):
         tokens = parse_options(options).methods.get("tokens")
         fraction = sum(per_layer(tokens.layers, list(tokens.keep_ratios), 1.0, layers)) / layers if tokens else 1.0
         torch.compiler.reset()
@@ -161,8 +165,11 @@ def _jsonable(options: dict) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     settings = _settings(args)
     model, tokenizer = models.load(args.model)
+    _require_kind(args.model, model, "encoder" if args.protocol == "minilm" else "causal-lm",
+                  f"--protocol {args.protocol}")
     if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer: the protocols score real text")
+        raise ValueError(f"{args.model} has no tokenizer: the protocols score real text (a model folder needs "
+                         "its tokenizer saved in it)")
     run = {"ctx-continuation": _ctx_continuation, "window-ppl": _window_ppl, "minilm": _minilm}[args.protocol]
     with torch.no_grad():
         rows, points = run(args, model, tokenizer, settings)
@@ -188,8 +195,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_kind(name: str, model: torch.nn.Module, kind: str, what: str) -> None:
+    """A clear error when ``what`` (a protocol, the bench) cannot run on the kind of model ``name`` is."""
+    found = models.model_kind(name, model)
+    if found != kind:
+        raise ValueError(f"{what} needs a model of kind {kind}; {name} is of kind {found} ({type(model).__name__})")
+
+
 def _bench(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(args.model)
+    _require_kind(args.model, model, "causal-lm", "bench (prefill and decode steps)")
     options = json.loads(args.options) if args.options else {}
     parse_options(options)
     torch.set_num_threads(args.threads)
@@ -248,11 +263,16 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="compile-sparse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="compile-sparse", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.strip().split("\n\n")[-1])  # MODEL and the progress bars
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the backend does")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="show the attention / MLP sites found and what the options would change")
-    inspect.add_argument("model", help=f"a zoo model: {', '.join(models.ZOO)}")
+    long_work = argparse.ArgumentParser(add_help=False)
+    long_work.add_argument("--quiet", action="store_true",
+                           help="no progress bars (they go to stderr, and only when it is a terminal)")
+    inspect = sub.add_parser("inspect", parents=[long_work],
+                             help="show the attention / MLP sites found and what the options would change")
+    inspect.add_argument("model", help=f"a zoo model ({', '.join(models.ZOO)}) or a local model folder")
     inspect.add_argument("--options", default=None, help="the torch.compile options dict, as JSON")
     inspect.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--seq-len", type=int, default=32, help="tokens in the sample input (default 32)")
@@ -260,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect.set_defaults(run=_inspect)
     listing = sub.add_parser("methods", help="list the registered compression methods and their parameters")
     listing.add_argument("--json", default=None, metavar="FILE", help="also write the list as JSON")
-    listing.set_defaults(run=_methods, model=None)
-    evaluate = sub.add_parser("eval", help="quality of one or more settings against dense and truncation (docs/evaluation.md)")
-    evaluate.add_argument("model", help="a zoo model with a tokenizer: smollm2 (ctx-continuation, window-ppl), minilm")
+    listing.set_defaults(run=_methods, quiet=False)
+    evaluate = sub.add_parser("eval", parents=[long_work],
+                              help="quality of one or more settings against dense and truncation (docs/evaluation.md)")
+    evaluate.add_argument("model", help="a model with a tokenizer: smollm2 or a local causal-LM folder "
+                                        "(ctx-continuation, window-ppl), minilm (minilm)")
     evaluate.add_argument("--protocol", required=True, choices=PROTOCOLS)
     evaluate.add_argument("--options", action="append", help="a setting: the torch.compile options dict as JSON (repeatable)")
     evaluate.add_argument("--method", default=None, help="shorthand: this KV method at each of --ratios")
@@ -272,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     evaluate.add_argument("--plot", default=None, metavar="FILE.png", help="draw quality against compression")
     evaluate.set_defaults(run=_eval)
-    bench = sub.add_parser("bench", help="prefill and decode time, and KV bytes, against dense (Inductor on both sides)")
-    bench.add_argument("model", help="a zoo decoder: smollm2 (real text), or a random one (tiny-llama: random ids)")
+    bench = sub.add_parser("bench", parents=[long_work],
+                           help="prefill and decode time, and KV bytes, against dense (Inductor on both sides)")
+    bench.add_argument("model", help="a causal LM: smollm2 or a local folder with its tokenizer (real text), or one "
+                                     "without a tokenizer (tiny-llama: random ids)")
     bench.add_argument("--context", type=int, default=4096, help="prompt tokens (docs/evaluation.md: 4096)")
     bench.add_argument("--options", default=None, help="the torch.compile options dict, as JSON (default: the default recipe)")
     bench.add_argument("--batch", type=int, default=1)
@@ -285,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if args.model is not None and args.model not in models.ZOO:
-        parser.error(f"unknown model {args.model!r}; zoo: {', '.join(models.ZOO)}")
+    set_quiet(args.quiet)
     try:
         return args.run(args)
     except (ValueError, ModuleNotFoundError) as err:

@@ -14,12 +14,13 @@ and as the geometric mean of ppl_method / ppl_dense.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .progress import progress
 
 CONTEXT = 1024
 CONTINUATION = 128
@@ -118,12 +119,10 @@ def ctx_continuation(name: str, prefill: Callable, forward: Callable, docs: dict
     ``dense`` holds dense ppl per document."""
     result = PerplexityResult(name, ppl_dense=dict(dense))
     with torch.no_grad():
-        for i, (doc, ids) in enumerate(docs.items()):
+        for doc, ids in progress(docs.items(), total=len(docs), desc=name, unit="doc"):
             nll, result.cache_tokens = continuation_nll(prefill, forward, ids, context=context,
                                                         one_token_at_a_time=one_token_at_a_time)
             result.ppl[doc] = math.exp(nll)
-            print(f"\r  {name}: document {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     return result
 
 
@@ -190,12 +189,10 @@ def window_ppl(name: str, forward: Callable, docs: dict[str, torch.Tensor],
     is the dense run, ratios 1)."""
     result = PerplexityResult(name)
     with torch.no_grad():
-        for i, (doc, windows) in enumerate(docs.items()):
+        for doc, windows in progress(docs.items(), total=len(docs), desc=name, unit="doc"):
             nll = sum(F.cross_entropy(forward(w[None])[0, :-1].float(), w[1:], reduction="sum").item()
                       for w in windows)
             result.ppl[doc] = math.exp(nll / (windows.numel() - windows.shape[0]))
-            print(f"\r  {name}: document {i + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     result.ppl_dense = dict(dense) if dense is not None else dict(result.ppl)
     return result
 
@@ -274,9 +271,7 @@ def minilm_cosine(name: str, embed: Callable, dense_embeddings: list[torch.Tenso
     sentence, against the dense embeddings of the same sentences."""
     result = EmbeddingResult(name, token_fraction=token_fraction)
     with torch.no_grad():
-        for i, (sentence, dense) in enumerate(zip(ids, dense_embeddings)):
+        for sentence, dense in progress(zip(ids, dense_embeddings), total=len(ids), desc=name, unit="sentence"):
             embedding = embed(sentence, torch.ones_like(sentence))
             result.cosines.append(F.cosine_similarity(embedding, dense, dim=-1).item())
-            print(f"\r  {name}: sentence {i + 1}/{len(ids)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     return result

@@ -13,7 +13,8 @@ from .report import GraphReport, Report
 
 def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None, **kwargs: Any) -> Report:
     """Run ``model_or_fn(*args, **kwargs)`` once under Dynamo with the sparse pipeline (lowered
-    eagerly, so it is cheap) and report the sites found and what each pass did to them."""
+    eagerly, so it is cheap) and report the sites found and what each pass did to them; the
+    report's ``output`` is what the rewritten call returned."""
     parsed = parse_options(options)
     graphs: list[GraphReport] = []
 
@@ -24,11 +25,11 @@ def explain(model_or_fn: Callable, *args: Any, options: dict | str | None = None
 
     try:
         with torch.no_grad():
-            torch.compile(model_or_fn, backend=backend)(*args, **kwargs)
+            output = torch.compile(model_or_fn, backend=backend)(*args, **kwargs)
     except Exception as err:
         # Dynamo wraps what a backend raises; hand the pass's own error to the caller.
         inner = getattr(err, "inner_exception", None)
         if isinstance(inner, (PassError, ValueError)):
             raise inner from None
         raise
-    return Report(options=parsed.to_dict(), graphs=graphs)
+    return Report(options=parsed.to_dict(), graphs=graphs, output=output)

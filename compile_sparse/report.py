@@ -128,11 +128,14 @@ def format_sites(sites: dict[str, str], per_layer: bool = False) -> list[str]:
 class Report:
     """What compile_sparse found and did, per compiled graph, with totals.
 
-    ``str(report)`` is a table; ``report.to_dict()`` is JSON-ready.
+    ``str(report)`` is a table; ``report.to_dict()`` is JSON-ready. ``output`` is what the explained
+    call returned (``explain`` runs it once, rewritten: a compressed cache comes back), not part of
+    the table or the dict.
     """
 
     options: dict
     graphs: list[GraphReport]
+    output: Any = field(default=None, repr=False, compare=False)
 
     @property
     def attention_sites(self) -> list[dict]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .progress import progress
 from .state import STATE
 
 
@@ -24,15 +25,17 @@ def _summary(times: list[float]) -> dict:
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "spread": (q3 - q1) / median, "runs": len(times)}
 
 
-def interleaved(sides: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict]:
+def interleaved(sides: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                desc: str = "timed rounds") -> dict[str, dict]:
     """Time every side once per round, the order rotating from round to round, after ``warmup``
-    rounds: per side the median ms, quartiles and spread."""
+    rounds: per side the median ms, quartiles and spread. The timed rounds show a progress bar
+    named ``desc``."""
     names = list(sides)
     for _ in range(warmup):
         for name in names:
             sides[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(rounds):
+    for round_ in progress(range(rounds), desc=desc, unit="round"):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()

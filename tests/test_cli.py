@@ -30,11 +30,65 @@ def test_inspect_bad_options_exit_2_with_the_valid_keys(capsys):
 
 
 def test_inspect_unknown_model_names_the_zoo(capsys):
-    try:
-        main(["inspect", "gpt-5"])
-    except SystemExit as exit:
-        assert exit.code == 2
-    assert "unknown model 'gpt-5'; zoo: smollm2, minilm, tiny-llama" in capsys.readouterr().err
+    assert main(["inspect", "gpt-5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt-5'; zoo: smollm2, minilm, tiny-llama" in err
+    assert "or a local model folder, but " in err and "gpt-5 does not exist" in err
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A random LlamaForCausalLM and a word-level tokenizer saved as transformers saves them."""
+    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from compile_sparse.models import pydoc_text, tiny_llama
+
+    words = sorted(set(pydoc_text().split()))[:500]
+    backend = Tokenizer(tokenizer_models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                                   unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    folder = tmp_path / "my-model"
+    tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_inspect_a_local_model_folder(model_folder, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["inspect", str(model_folder), "--seq-len", "8", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 graph(s), 2 attention sites, 2 MLP sites, 0 skipped" in printed
+    assert "0-1  sdpa                      4/2       16   True      8      8" in printed  # grouped, sdpa, 8 tokens
+    assert "layers 0-1 attention: prefill eviction: cache 8 -> 2 tokens" in printed
+    assert json.loads(out.read_text())["model"] == str(model_folder)
+
+
+@pytest.mark.parametrize("setup, missing", [
+    (lambda folder: None, "does not exist"),
+    (lambda folder: folder.mkdir(), "is not a model folder: it has no config.json"),
+    (lambda folder: (folder.mkdir(), (folder / "config.json").write_text('{"model_type": "llama"}')),
+     "transformers cannot load a model from it: Error no file named model.safetensors"),
+    (lambda folder: (folder.mkdir(), (folder / "config.json").write_text("{nope")),
+     "transformers cannot load a model from it: It looks like the config file"),
+])
+def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, capsys, setup, missing):
+    folder = tmp_path / "not-a-model"
+    setup(folder)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compile-sparse: error: ") and str(folder) in err and missing in err
+    assert "Traceback" not in err
+
+
+def test_eval_and_bench_refuse_a_model_of_the_wrong_kind(model_folder, capsys):
+    assert main(["eval", str(model_folder), "--protocol", "minilm", "--method", "h2o"]) == 2
+    assert (f"--protocol minilm needs a model of kind encoder; {model_folder} is of kind causal-lm "
+            "(LlamaForCausalLM)") in capsys.readouterr().err
+    assert main(["bench", "tiny-bert"]) == 2
+    assert "bench (prefill and decode steps) needs a model of kind causal-lm; tiny-bert is of kind encoder" \
+        in capsys.readouterr().err
 
 
 def test_inspect_with_kv_eviction_shows_what_the_cache_keeps(capsys):
