@@ -58,7 +58,7 @@ def _settings(args: argparse.Namespace) -> list[dict]:
     if not settings:
         raise ValueError("nothing to evaluate: give --options JSON (repeatable) or --method NAME [--ratios R ...]")
     for options in settings:
-        parse_options(options)  # a bad option fails here, before minutes of evaluation
+        parse_options(ev.with_calibration(options, None))  # a bad option fails here, before minutes of evaluation
     return settings
 
 

@@ -155,7 +155,8 @@ def calibration_batches(tokenizer: Any, length: int = CONTEXT, count: int = 8) -
 def with_calibration(options: dict, tokenizer: Any, length: int = CONTEXT) -> dict:
     """``options`` (a recipe included) with calibration batches added where the pruning criterion
     reads activations or gradients and none were given (the CLI and the benches do this; in code,
-    pass your own)."""
+    pass your own). With ``tokenizer`` None the batch is a stand-in, to check the options before
+    any text is read."""
     from .options import apply_recipe
     from .passes.registry import METHODS, build
 
@@ -167,7 +168,8 @@ def with_calibration(options: dict, tokenizer: Any, length: int = CONTEXT) -> di
     probe = build("prune", prune["method"], {**params, "calibration": [torch.zeros(1, 1, dtype=torch.long)]})
     if not probe.needs_calibration():
         return options
-    return {**options, "prune": {**prune, "calibration": calibration_batches(tokenizer, length)}}
+    batches = calibration_batches(tokenizer, length) if tokenizer is not None else probe.calibration
+    return {**options, "prune": {**prune, "calibration": batches}}
 
 
 def compiled_forward(model: torch.nn.Module, options: dict) -> Callable:

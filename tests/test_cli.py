@@ -147,3 +147,17 @@ def test_eval_ctx_continuation_on_smollm2_beside_truncate(tmp_path):
 def test_eval_without_a_setting_is_an_error(capsys):
     assert main(["eval", "smollm2", "--protocol", "window-ppl"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_eval_settings_accept_a_criterion_eval_calibrates_and_refuse_a_bad_value():
+    """FLAP needs calibration batches, which eval adds from the calibration speeches after loading
+    the model: the early check of the settings must not refuse it, but still refuses a bad ratio."""
+    from argparse import Namespace
+
+    from compile_sparse.cli import _settings
+
+    flap = {"prune": {"method": "flap", "mlp_ratio": 0.2}}
+    assert _settings(Namespace(options=[json.dumps(flap)], method=None, ratios=None)) == [flap]
+    bad = {"prune": {"method": "flap", "mlp_ratio": 1.5}}
+    with pytest.raises(ValueError, match="1.5"):
+        _settings(Namespace(options=[json.dumps(bad)], method=None, ratios=None))
