@@ -12,7 +12,7 @@ from compile_sparse.passes.registry import build
 from .methods import names
 
 
-SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,
+SETTINGS = dict(max_examples=4, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -105,21 +105,22 @@ def static_cache(model, length):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generates(method):
-    """The StaticCache generate() builds (cache_implementation="static") and one the user passes,
-    each used for two prompts (reset in between): their buffers shrink to the budget (plus room for the new
-    tokens, for a method without a decode rule), measured in bytes, and they generate the
-    DynamicCache's tokens."""
+def test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generates(method, prompts=1):
+    """The StaticCache generate() builds (cache_implementation="static") and one the user passes:
+    their buffers shrink to the budget (plus room for the new tokens, for a method without a
+    decode rule), measured in bytes, and they generate the DynamicCache's tokens. With ``prompts``
+    2, each cache serves a second prompt (generate resets its own; the user's is reset by hand)."""
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
     options = {"kv": kv(method, 0.5), "lowering": "eager"}
     dynamic = generate(compiled(models.tiny_llama(), options), ids)
     model = compiled(models.tiny_llama(), options)
-    static = [generate(model, ids, cache_implementation="static") for _ in range(2)]  # generate reuses its cache
+    static = [generate(model, ids, cache_implementation="static") for _ in range(prompts)]  # generate reuses its cache
     model = compiled(models.tiny_llama(), options)
     cache = static_cache(model, 48)
-    passed = [generate(model, ids, past_key_values=cache)]
-    cache.reset()  # the full buffers back, for a second prompt
-    passed.append(generate(model, ids, past_key_values=cache))
+    passed = []
+    for _ in range(prompts):
+        cache.reset()  # the full buffers back (a no-op before the first prompt)
+        passed.append(generate(model, ids, past_key_values=cache))
     evicts = build("kv", method, {"compression_ratio": 0.5}).decode
     widest = max(budget(method, 0.5, 40, layer) for layer in range(2))  # one mask width for every layer
     for out, room in (*((s, 7) for s in static), *((p, 8) for p in passed)):  # generate's: prompt + new tokens - 1
@@ -130,6 +131,11 @@ def test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generat
             assert kept.keys.untyped_storage().nbytes() == 2 * 2 * slots * 16 * 4  # (B, Hkv, slots, D) fp32, measured
             real = (STATE.store.get(kept.keys)[..., 0] >= 0).sum(-1)  # (B, Hkv) slots holding a token
             assert (real == budget(method, 0.5, 40, layer) + (0 if evicts else 7)).all()  # 7 steps fed back
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv"])  # with a decode rule, and without
+def test_static_caches_serve_a_second_prompt(method):
+    test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generates(method, prompts=2)
 
 
 def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_says_so():
