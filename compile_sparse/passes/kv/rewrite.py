@@ -4,8 +4,9 @@ that the cache the model hands back holds only what the method keeps.
 - **Prefill** (the cache starts empty in the graph; DynamicCache, or a StaticCache allocated in
   the graph): ``kv_prefill`` keeps each row's budget of its real (unpadded) tokens, and the graph
   hands back those slots in place of the full cache (a StaticCache's buffers become them:
-  compile_sparse.cache lets HF's StaticLayer hold buffers of any length). For methods that score with every query's
-  attention, ``kv_attention_totals`` computes the attention output and the scores in one pass.
+  compile_sparse.cache lets HF's StaticLayer hold buffers of any length). For methods that score
+  with every query's attention, ``kv_attention_totals`` computes the attention output and the
+  scores in one pass.
   Budgets are expressions of the prompt length: one graph serves every length.
 - **A prompt over a StaticCache passed in** (``generate`` reuses its StaticCache; a user's own):
   the same, attending to the prompt's own tokens, and the backend resizes the cache's buffers to
@@ -36,7 +37,7 @@ from ...analysis.ops import op_name
 from ...reference import mask_allows
 from ...report import PassResult
 from ... import cache
-from ...state import BufferSlot, StateSlot, add_buffers, add_state, add_state_input, add_new_buffers
+from ...state import BufferSlot, StateSlot, add_buffers, add_new_buffers, add_state, add_state_input
 from ..context import PassContext
 from ..registry import method_of, register_pass
 from ..toolkit import inserting_after_all, output_node, remove_dead_code
