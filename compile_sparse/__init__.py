@@ -8,7 +8,8 @@ package is not needed for ``backend="sparse"``.
 
 import sys
 
-from . import cache, methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
+from . import cache
+from . import methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
 from .analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, SkippedRegion, analyze
 from .backend import PassError, SparseWarning, StrictError, sparse_backend
 from .explain import explain

@@ -138,6 +138,18 @@ def test_static_caches_serve_a_second_prompt(method):
     test_static_caches_hold_the_budget_and_generate_what_a_dynamic_cache_generates(method, prompts=2)
 
 
+def test_a_second_prompt_into_a_static_cache_not_reset_is_a_clear_error():
+    """The second prompt meets buffers shorter than itself: the analysis must still find every
+    attention (the trace of a projection stops at the cache), so that the call fails with the
+    reason, not with HF's index_copy_ out of range."""
+    model = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.5), "lowering": "eager"})
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    cache = static_cache(model, 48)
+    generate(model, ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="already holds tokens.*reset the cache"):
+        generate(model, ids, past_key_values=cache)
+
+
 def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_says_so():
     """Buffers compile_sparse may not resize (not allocated by HF's StaticLayer since compile_sparse
     was imported): the budget is kept at their start, the same tokens come out, and a warning says
