@@ -2,8 +2,9 @@
 
     compile-sparse inspect MODEL [--options JSON] [--json FILE] [--seq-len N] [--per-layer] [--quiet]
     compile-sparse methods [--json FILE]
-    compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm} [--options JSON ...]
-                       [--method NAME --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png] [--quiet]
+    compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm,retrieval} [--options JSON ...]
+                       [--method NAME ... --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png] [--quiet]
+                       [--tasks TASK ...] [--length N] [--setting {query-aware,query-agnostic}] [--cases N]
     compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE] [--quiet]
 
 MODEL is a zoo name or a local folder that transformers loads (config.json, weights, its tokenizer).
@@ -27,6 +28,7 @@ import torch
 from . import benchmark
 from . import eval as ev
 from . import models
+from . import retrieval
 from .explain import explain
 from .options import parse_options
 from .passes.registry import FAMILIES, METHODS
@@ -34,7 +36,7 @@ from .passes.tokens.schedule import per_layer
 from .progress import progress, set_quiet
 from .timing import prefill
 
-PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm")
+PROTOCOLS = ("ctx-continuation", "window-ppl", "minilm", "retrieval")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -50,11 +52,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> list[dict]:
-    """The options dicts to evaluate: each ``--options``, and ``--method`` at each of ``--ratios``
-    (a KV method's compression_ratio)."""
+    """The options dicts to evaluate: each ``--options``, and each ``--method`` at each of
+    ``--ratios`` (a KV method's compression_ratio)."""
     settings = [json.loads(o) if isinstance(o, str) else o for o in args.options or []]
-    if args.method:
-        settings += [{"kv": {"method": args.method, "compression_ratio": r}} for r in args.ratios or [0.75]]
+    settings += [{"kv": {"method": method, "compression_ratio": r}} for method in args.method or []
+                 for r in args.ratios or [0.75]]
     if not settings:
         raise ValueError("nothing to evaluate: give --options JSON (repeatable) or --method NAME [--ratios R ...]")
     for options in settings:
@@ -158,6 +160,37 @@ def _minilm(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
     return rows, points
 
 
+def _retrieval(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]]:
+    """Dense, truncation and each setting on the retrieval cases: accuracy per task and their mean."""
+    if args.length < 256:
+        raise ValueError(f"--length {args.length}: retrieval prompts need at least 256 tokens")
+    if args.cases < 1:
+        raise ValueError(f"--cases {args.cases}: at least 1")
+    cases = retrieval.make_cases(tokenizer, tuple(args.tasks), args.length, args.cases)
+
+    def compiled(options: dict):
+        torch.compiler.reset()
+        return ev.compiled_forward(model, {"lowering": "eager", **options})
+
+    dense, truncate, outcomes = retrieval.run(model, tokenizer, cases, settings, args.setting, compiled,
+                                              [_label(o) for o in settings])
+    rows, points = [], []
+    for options, outcome in zip(settings, outcomes):
+        ratio = retrieval.truncate_ratio(options) or round(outcome.kv_removed, 3)
+        base = truncate.get(ratio)
+        rows.append({"options": _jsonable(options), "setting": _label(options), "retrieval_setting": args.setting,
+                     "length": args.length, "cases": args.cases, "kv_removed": outcome.kv_removed,
+                     "accuracy": outcome.accuracy, "accuracy_dense": dense.accuracy,
+                     "accuracy_truncate": base.accuracy if base else None,
+                     "tasks": {task: {"accuracy": value, "accuracy_dense": dense.tasks[task],
+                                      "accuracy_truncate": base.tasks[task] if base else None}
+                               for task, value in outcome.tasks.items()},
+                     "answers": outcome.texts, "answers_dense": dense.texts})
+        points.append({"series": _series(options), "x": outcome.kv_removed, "y": outcome.accuracy})
+    points += [{"series": "truncate", "x": r, "y": o.accuracy} for r, o in truncate.items()]
+    return rows, points
+
+
 def _jsonable(options: dict) -> dict:
     return json.loads(json.dumps(options, default=lambda v: f"<{type(v).__name__}>"))
 
@@ -170,17 +203,25 @@ def _eval(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the protocols score real text (a model folder needs "
                          "its tokenizer saved in it)")
-    run = {"ctx-continuation": _ctx_continuation, "window-ppl": _window_ppl, "minilm": _minilm}[args.protocol]
+    run = {"ctx-continuation": _ctx_continuation, "window-ppl": _window_ppl, "minilm": _minilm,
+           "retrieval": _retrieval}[args.protocol]
     with torch.no_grad():
         rows, points = run(args, model, tokenizer, settings)
-    minilm = args.protocol == "minilm"
-    x_name = {"ctx-continuation": "KV saved", "window-ppl": "params removed", "minilm": "tokens removed"}[args.protocol]
-    metric = "mean cosine" if minilm else "ppl ratio"
-    print(f"\n{args.model}, {args.protocol}")
+    higher = args.protocol in ("minilm", "retrieval")
+    x_name = {"ctx-continuation": "KV saved", "window-ppl": "params removed", "minilm": "tokens removed",
+              "retrieval": "KV removed"}[args.protocol]
+    metric = {"minilm": "mean cosine", "retrieval": "accuracy"}.get(args.protocol, "ppl ratio")
+    value_key, base_key = {"minilm": ("mean_cosine", "truncate_mean_cosine"),
+                           "retrieval": ("accuracy", "accuracy_truncate")}.get(args.protocol,
+                                                                               ("ppl_ratio", "truncate_ppl_ratio"))
+    title = args.protocol
+    if args.protocol == "retrieval":
+        title += (f" ({args.setting}, {args.length} tokens, {args.cases} cases x {', '.join(args.tasks)}; "
+                  f"dense {rows[0]['accuracy_dense']:.3f})")
+    print(f"\n{args.model}, {title}")
     print(f"{'setting':<60} {x_name:>14} {metric:>11} {'truncate':>9}")
     for row, point in zip(rows, [p for p in points if p["series"] != "truncate"]):
-        value = row["mean_cosine"] if minilm else row["ppl_ratio"]
-        base = row.get("truncate_mean_cosine" if minilm else "truncate_ppl_ratio")
+        value, base = row[value_key], row.get(base_key)
         print(f"{row['setting'][:60]:<60} {point['x']:>13.1%} {value:>11.4f} {'—' if base is None else f'{base:.4f}':>9}")
     if args.json:
         data = {"model": args.model, "protocol": args.protocol, **rows[0], "settings": rows}
@@ -190,7 +231,7 @@ def _eval(args: argparse.Namespace) -> int:
         from .plot import quality_plot
 
         quality_plot(points, args.plot, title=f"{args.model}: {args.protocol}", x_label=f"{x_name} (fraction)",
-                     y_label=metric, higher_is_better=minilm)
+                     y_label=metric, higher_is_better=higher)
         print(f"wrote {args.plot}")
     return 0
 
@@ -287,10 +328,17 @@ def main(argv: list[str] | None = None) -> int:
                                         "(ctx-continuation, window-ppl), minilm (minilm)")
     evaluate.add_argument("--protocol", required=True, choices=PROTOCOLS)
     evaluate.add_argument("--options", action="append", help="a setting: the torch.compile options dict as JSON (repeatable)")
-    evaluate.add_argument("--method", default=None, help="shorthand: this KV method at each of --ratios")
+    evaluate.add_argument("--method", nargs="+", default=None, help="shorthand: each of these KV methods at each of --ratios")
     evaluate.add_argument("--ratios", nargs="*", type=float, default=None, help="compression ratios for --method (default 0.75)")
     evaluate.add_argument("--docs", type=int, default=8, help="test documents (docs/evaluation.md: 8)")
     evaluate.add_argument("--sentences", type=int, default=None, help="minilm: only the first N sentences")
+    evaluate.add_argument("--tasks", nargs="+", default=list(retrieval.TASKS), choices=retrieval.TASKS, metavar="TASK",
+                          help=f"retrieval: tasks (default all: {', '.join(retrieval.TASKS)})")
+    evaluate.add_argument("--length", type=int, default=retrieval.LENGTH, help="retrieval: prompt tokens (default 2048)")
+    evaluate.add_argument("--setting", default=retrieval.SETTINGS[0], choices=retrieval.SETTINGS,
+                          help="retrieval: the question inside the prefilled prompt (query-aware, default) or fed after "
+                               "the context is compressed (query-agnostic)")
+    evaluate.add_argument("--cases", type=int, default=retrieval.CASES, help="retrieval: cases per task (default 50)")
     evaluate.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     evaluate.add_argument("--plot", default=None, metavar="FILE.png", help="draw quality against compression")
     evaluate.set_defaults(run=_eval)

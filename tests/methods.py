@@ -14,6 +14,7 @@ EXAMPLES = {
     "kv": {
         "streaming_llm": {}, "snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8},
         "h2o": {"recent_window": 4}, "tova": {}, "knorm": {}, "hitkv": {"top_k": 4, "recent_window": 4},
+        "keydiff": {}, "defensivekv": {"window_size": 8},
     },
     "tokens": {
         "lazyllm": {"layers": [1], "keep_ratios": [0.5], "window": 4},
@@ -62,7 +63,28 @@ def _snapkv(probs, keys, group):
     return _protect(F.avg_pool1d(window, 5, stride=1, padding=2, count_include_pad=False), 8)
 
 
+def _defensivekv(probs, keys, group):
+    """The window's rows, each pooled (its mass kept); the max over rows and group heads, floored at
+    the mean over keys; ties under the floor broken by a thousandth of the floor times the mean row."""
+    b, h, _, t = probs.shape
+    rows = probs[:, :, -8:].reshape(b * h * 8, 1, t)
+    pooled = F.avg_pool1d(rows, 5, stride=1, padding=2, count_include_pad=False)
+    pooled = (pooled * rows.sum(-1, keepdim=True) / pooled.sum(-1, keepdim=True)).view(b, h // group, group * 8, t)
+    worst = pooled.amax(2)
+    floor = worst.mean(-1, keepdim=True)
+    mean = pooled.mean(2)
+    return _protect(worst.clamp(min=floor) + floor * 1e-3 * mean / mean.amax(-1, keepdim=True), 8)
+
+
+def _keydiff(probs, keys, group):
+    units = keys / keys.norm(dim=-1, keepdim=True)
+    anchor = units.mean(2, keepdim=True)
+    return -(units * anchor).sum(-1) / anchor.norm(dim=-1)
+
+
 PREFILL_REFERENCE = {
+    "keydiff": _keydiff,
+    "defensivekv": _defensivekv,
     "h2o": lambda probs, keys, group: _protect(
         _per_kv_head(probs.sum(2) / torch.arange(probs.shape[-1], 0, -1).float(), group), 4),
     "hitkv": lambda probs, keys, group: _protect(

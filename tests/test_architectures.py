@@ -5,10 +5,11 @@ applies to, each architecture compiled once (``Matrix``) for all of them.
   MLP width; MoE experts reported per layer);
 - every architecture x data-free prune criterion: identity at 0, exact shapes at 0.5, or the reason
   it is refused, as the table's ``limits`` say;
-- decoders x KV methods: an 8-token ``generate()`` on the cache the model builds itself equals
+- decoders x KV methods (every decoder with one method of each kind of scorer, the methods of a kind
+  taking turns over the architectures: ``kv_pairs``): an 8-token ``generate()`` on the cache the model builds itself equals
   dense at ratio 0 (tokens and logits); at 0.5 every full-attention layer keeps exactly its budget
   (sliding-window layers keep HF's window rule and are refused with the reason);
-- encoder-decoders x KV methods: the decoder's self-attention cache keeps the budget, the
+- encoder-decoders x KV methods (the same way): the decoder's self-attention cache keeps the budget, the
   cross-attention cache (the encoder's keys) is left as it is;
 - encoders (and the encoders of encoder-decoders) x encoder token methods: identity at keep 1,
   exactly the kept share of tokens at 0.75.
@@ -38,6 +39,21 @@ def architectures(*kinds):
     chosen = by_kind(*kinds) if kinds else list(ARCHITECTURES)
     return pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in chosen],
                                    scope="module")
+
+
+def kv_pairs(kind):
+    """Parametrize ``name`` and ``method``: every architecture of ``kind`` with one KV method of each
+    kind of scorer (what it reads of the attention, whether it has a decode rule and state), the
+    methods of a kind taking turns over the architectures, so that every method runs on several
+    architectures and every architecture meets every kind (every pair would add minutes to the
+    suite). Grouped by architecture, as ``architectures``."""
+    kinds = {}
+    for method in KV_METHODS:
+        config = config_class("kv", method)
+        kinds.setdefault((config.OBSERVES, config.SUPPORTS_DECODE, config.STATE_SIZE > 0), []).append(method)
+    pairs = [(name, members[i % len(members)]) for i, name in enumerate(by_kind(kind)) for members in kinds.values()]
+    return pytest.mark.parametrize("name,method", [pytest.param(name, method, marks=pytest.mark.xdist_group(name))
+                                                   for name, method in pairs])
 
 
 @pytest.fixture(autouse=True)
@@ -160,8 +176,7 @@ def _grows(method):
     return 0 if config.SUPPORTS_DECODE and config.decode else 7
 
 
-@pytest.mark.parametrize("method", KV_METHODS)
-@architectures("decoder")
+@kv_pairs("decoder")
 def test_kv_methods_on_every_decoder(name, method, compiled):
     model, dense, matrix = compiled(name)
     reference = _generate(dense, name)
@@ -188,8 +203,7 @@ def test_kv_methods_on_every_decoder(name, method, compiled):
         assert set(slots.values()) == {PROMPT // 2}
 
 
-@pytest.mark.parametrize("method", KV_METHODS)
-@architectures("seq2seq")
+@kv_pairs("seq2seq")
 def test_kv_methods_on_every_encoder_decoder(name, method, compiled):
     """The decoder's self-attention cache of a 16-token decoder prompt keeps the budget; the
     cross-attention cache (the encoder's keys) is left as it is."""

@@ -1,0 +1,160 @@
+"""The retrieval protocol: its cases (exact lengths, fixed seeds, answers stated in the prompt), the
+replay of a KV method's eviction (the same kept tokens as the compiled graph), and the CLI's JSON."""
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from compile_sparse import models, retrieval
+from compile_sparse.cli import main
+from compile_sparse.passes.registry import build
+
+from .methods import kv_options, names
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models.smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer):
+    return retrieval.Haystack(tokenizer)
+
+
+@pytest.mark.parametrize("length", [512, 1024])
+@pytest.mark.parametrize("task", retrieval.TASKS)
+def test_cases_have_the_exact_length_and_state_their_answers(task, length, haystack, tokenizer):
+    cases = [retrieval.make_case(task, i, haystack, length) for i in range(3)]
+    assert [c.prompt.shape for c in cases] == [(1, length)] * 3
+    again = retrieval.make_case(task, 1, haystack, length)
+    assert torch.equal(again.prompt, cases[1].prompt) and again.answers == cases[1].answers  # fixed seeds
+    assert not torch.equal(cases[0].prompt, cases[1].prompt)
+    context, question = tokenizer.decode(cases[0].context[0]), tokenizer.decode(cases[0].question[0])
+    assert question.rstrip().endswith(("is", "are", "are:", "they are:"))
+    if task == "common_words":  # every answer occurs more often than any other listed word
+        counts = Counter(re.findall(r"\n\d+\. (\w+)", context))
+        rest = max(n for w, n in counts.items() if w not in cases[0].answers)
+        assert min(counts[a] for a in cases[0].answers) > rest
+    else:
+        for answer in cases[0].answers:
+            assert context.count(answer) >= 1, (answer, task)
+        assert len(cases[0].answers) == {"single_needle": 1, "multi_key": 1, "multi_value": retrieval.NEEDLES,
+                                         "variable_tracking": retrieval.CHAIN}[task]
+
+
+def test_bad_task_and_setting_are_errors(tokenizer):
+    with pytest.raises(ValueError, match="unknown retrieval task 'needle'; valid: single_needle"):
+        retrieval.make_cases(tokenizer, ("needle",), 512, 1)
+    with pytest.raises(ValueError, match="unknown retrieval setting 'aware'"):
+        retrieval.run(None, tokenizer, [], [], "aware")
+    with pytest.raises(ValueError, match="too short for task multi_value"):
+        retrieval.make_cases(tokenizer, ("multi_value",), 120, 1)
+
+
+def test_scoring_is_every_answer_in_the_text():
+    assert retrieval.is_correct(" 1234567.", ["1234567"])
+    assert not retrieval.is_correct(" 123456.", ["1234567"])
+    assert retrieval.is_correct("A, b and C", ["a", "B", "c"])
+    assert not retrieval.is_correct("A and C", ["a", "B", "c"])
+
+
+@pytest.mark.parametrize("setting", retrieval.SETTINGS)
+@pytest.mark.parametrize("method", names("kv"))
+def test_the_replay_keeps_what_the_compiled_prefill_keeps(method, setting):
+    """For every KV method: the cache replayed from one captured dense prefill equals, layer by
+    layer, the cache the compiled model leaves after prefilling the same tokens (the whole prompt,
+    query-aware; the context, query-agnostic), but for the empty slots that pad a layer to the widest
+    layer's budget there; at ratio 0 it is the dense cache."""
+    model = models.tiny_llama(heads=6, kv_heads=2)
+    prompt = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(3))
+    observed = 48 if setting == "query-aware" else 40
+    captured = retrieval.capture(model, prompt)
+    compiled = torch.compile(model.forward, backend="sparse", options={"kv": kv_options(method, 0.5), "lowering": "eager"})
+    with torch.no_grad():
+        expected = compiled(input_ids=prompt[:, :observed], use_cache=True).past_key_values
+        replayed, kept = retrieval.replayed_cache(model, captured, build("kv", method, {
+            k: v for k, v in kv_options(method, 0.5).items() if k != "method"}), observed)
+        identity, _ = retrieval.replayed_cache(model, captured, build("kv", method, {}), observed)
+        dense = model(input_ids=prompt[:, :observed], use_cache=True).past_key_values
+    for mine, theirs, positions in zip(replayed.layers, expected.layers, kept):
+        slots = mine.keys.shape[2]  # the compiled cache pads a layer to the widest budget (pyramidkv): empty slots
+        torch.testing.assert_close(mine.keys, theirs.keys[:, :, :slots])
+        torch.testing.assert_close(mine.values, theirs.values[:, :, :slots])
+        assert not theirs.keys[:, :, slots:].any()
+        assert positions.shape == mine.keys.shape[:3] and (positions < observed).all()
+    for mine, theirs in zip(identity.layers, dense.layers):
+        torch.testing.assert_close(mine.keys, theirs.keys)
+        assert mine.keys.shape[-2] == observed
+
+
+class _Ids:
+    """A tokenizer for random-id models: token ids as text."""
+
+    eos_token_id = unk_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def test_a_token_method_runs_compiled_beside_a_replayed_kv_method():
+    """LazyLLM (token dropping) runs through the compiled model case by case; its KV removed is
+    measured from its cache and its truncation baseline runs at that share; H2O is replayed."""
+    model = models.tiny_llama()
+    generator = torch.Generator().manual_seed(5)
+    cases = [retrieval.Case("single_needle", torch.randint(0, 128, (1, 40), generator=generator),
+                            torch.randint(0, 128, (1, 8), generator=generator), ["7"], 4) for _ in range(2)]
+    lazy = {"tokens": {"method": "lazyllm", "layers": [1], "keep_ratios": [0.5], "window": 4}}
+    compiled = []
+
+    def compile_setting(options):
+        compiled.append(options)
+        return torch.compile(model.forward, backend="sparse", options={"lowering": "eager", **options})
+
+    dense, truncate, (tokens, kv) = retrieval.run(model, _Ids(), cases, [lazy, {"kv": kv_options("h2o", 0.5)}],
+                                                  "query-aware", compile_setting)
+    assert compiled == [lazy]
+    assert tokens.kv_removed == pytest.approx(0.25)  # layer 1 of 2 caches half the prompt
+    assert kv.kv_removed == pytest.approx(0.5)
+    assert sorted(truncate) == [0.25, 0.5]
+    assert [len(o.texts) for o in (dense, tokens, kv, *truncate.values())] == [2] * 5
+
+
+def test_capture_restores_the_attention_and_refuses_sliding_windows():
+    model = models.tiny_llama()
+    retrieval.capture(model, torch.randint(0, 128, (1, 16)))
+    assert model.config._attn_implementation == "sdpa"
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        retrieval.capture(MistralForCausalLM(config).eval(), torch.randint(0, 64, (1, 16)))
+
+
+def test_cli_retrieval_json_on_smollm2(tmp_path):
+    """Dense, truncation and settings on two 384-token single-needle cases, query-agnostic (the
+    question fed over the compressed context); at ratio 0 a method answers exactly what dense
+    answers."""
+    out = tmp_path / "retrieval.json"
+    assert main(["eval", "smollm2", "--protocol", "retrieval", "--tasks", "single_needle", "--cases", "2",
+                 "--length", "384", "--setting", "query-agnostic", "--method", "h2o", "--ratios", "0.0", "0.75",
+                 "--json", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    for key in ("model", "protocol", "options", "accuracy", "accuracy_dense", "accuracy_truncate", "tasks"):
+        assert key in data
+    assert data["accuracy_dense"] == 1.0  # SmolLM2 finds these needles
+    assert set(data["tasks"]) == {"single_needle"}
+    identity, compressed = data["settings"]
+    assert identity["answers"] == identity["answers_dense"] and identity["accuracy_truncate"] is None
+    assert identity["kv_removed"] == 0.0 and abs(compressed["kv_removed"] - 0.75) < 0.01  # measured from the cache
+    assert 0.0 <= compressed["accuracy_truncate"] <= 1.0
+    assert compressed["retrieval_setting"] == "query-agnostic" and len(compressed["answers"]) == 2
