@@ -18,8 +18,9 @@ import dataclasses
 import functools
 import inspect as inspect_module
 import json
-import math
 import logging
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -224,7 +225,8 @@ def _eval(args: argparse.Namespace) -> int:
         value, base = row[value_key], row.get(base_key)
         print(f"{row['setting'][:60]:<60} {point['x']:>13.1%} {value:>11.4f} {'—' if base is None else f'{base:.4f}':>9}")
     if args.json:
-        data = {"model": args.model, "protocol": args.protocol, **rows[0], "settings": rows}
+        data = {"model": args.model, "protocol": args.protocol, **rows[0], "settings": rows,
+                "command": "compile-sparse " + shlex.join(args.argv)}
         Path(args.json).write_text(json.dumps(data, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, metavar="FILE")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     set_quiet(args.quiet)
     try:

@@ -331,3 +331,35 @@ def test_a_budget_smaller_than_the_protected_window_keeps_the_newest_tokens(meth
     cache, _ = prefill_cache(model, ids(), {"kv": kv(method, 0.75, **{window: 32}), "lowering": "eager"})
     for dense_layer, layer in zip(dense.layers, cache.layers):
         torch.testing.assert_close(layer.keys, dense_layer.keys[:, :, -10:])
+
+
+def test_tova_pooled_keeps_the_topk_of_the_pooled_reference():
+    """TOVA with kernel_size 5: the last query's attention averaged over 5 neighbouring positions."""
+    heads, kv_heads = 6, 2
+    reference_model = models.tiny_llama(heads=heads, kv_heads=kv_heads, attn_implementation="eager")
+    model = models.tiny_llama(heads=heads, kv_heads=kv_heads)
+    input_ids = ids()
+    with torch.no_grad():
+        dense = reference_model(input_ids=input_ids, use_cache=True, output_attentions=True)
+    cache, _ = prefill_cache(model, input_ids, {"kv": kv("tova", 0.5, kernel_size=5), "lowering": "eager"})
+    for probs, dense_layer, kept in zip(dense.attentions, dense.past_key_values.layers, cache.layers):
+        tova = PREFILL_REFERENCE["tova"](probs, dense_layer.keys, heads // kv_heads)  # (B, Hkv, T)
+        pooled = torch.nn.functional.avg_pool1d(tova, 5, stride=1, padding=2, count_include_pad=False)
+        index = pooled.topk(T // 2, dim=-1).indices.sort(dim=-1).values
+        gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])
+        torch.testing.assert_close(kept.keys, dense_layer.keys.gather(2, gather))
+
+
+def test_pooling_by_position_ignores_slot_order_and_empty_slots():
+    from compile_sparse.passes.kv.scoring import pool_by_position, pool_scores
+
+    scores = torch.rand(2, 3, 12)
+    in_order = pool_scores(scores, 5)
+    slots = torch.randperm(12)
+    positions = torch.arange(12.0)[slots].expand(2, 3, 12)  # slot j holds position slots[j]
+    pooled = pool_by_position(scores[..., slots], positions, 5)
+    torch.testing.assert_close(pooled, in_order[..., slots])
+    empty = positions.clone()
+    empty[..., 0] = -1  # an empty slot: no neighbour, its score unchanged
+    pooled = pool_by_position(scores[..., slots], empty, 5)
+    assert torch.equal(pooled[..., 0], scores[..., slots][..., 0])

@@ -99,7 +99,7 @@ def test_bad_values_are_shown(keep_method):
         parse_options({"kv": {"method": "keep", "budget": 0}})
     with pytest.raises(ValueError, match="unknown lowering 'tvm'; valid: inductor, eager"):
         parse_options({"lowering": "tvm"})
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: composed, dense, kv-balanced, kv-near-lossless, prune-mlp20"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: composed, dense, kv-balanced, kv-near-lossless, kv-retrieval, prune-mlp20"):
         parse_options({"recipe": "fast"})
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_options("{kv: }")

@@ -1,6 +1,10 @@
 """TOVA (Oren et al., 2024, arXiv:2401.06104): the current query's attention, averaged over all
 heads, decides: at prefill the last prompt token's, at every decode step the new token's. No
-state beyond the scores themselves: each step looks only at the current query."""
+state beyond the scores themselves: each step looks only at the current query.
+
+``kernel_size`` > 1 (ours, SnapKV's clustering) averages the prompt's scores over neighbouring
+positions, so that the tokens around an attended one stay with it: a 7-digit number the question
+points at by its first digit keeps its other six (docs/results.md, retrieval)."""
 
 from __future__ import annotations
 
@@ -9,24 +13,32 @@ from typing import ClassVar
 
 import torch
 
-from ..passes.kv.scoring import KVConfig, ScoreInputs, attention_probs
+from ..checks import check_odd
+from ..passes.kv.scoring import KVConfig, ScoreInputs, attention_probs, pool_by_position
 from ..passes.registry import register
 
 
 @register("kv", "tova")
 @dataclass
 class TOVAConfig(KVConfig):
-    """Decode eviction is on by default."""
+    """Decode eviction is on by default. ``kernel_size``: scores averaged over this many cached
+    tokens neighbouring in position (odd; 1, the paper's, pools nothing)."""
 
     decode: bool = True
+    kernel_size: int = 1
 
     SUPPORTS_DECODE: ClassVar[bool] = True
     OBSERVES: ClassVar[str] = "window"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_odd(self, "kernel_size")
+
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, None]:
-        """Score = attention of the last query, mean over every head: (B, Hkv, T), the same per KV head."""
+        """Score = attention of the last query, mean over every head: (B, Hkv, T), the same per KV
+        head, pooled over ``kernel_size`` neighbouring positions."""
         n = inputs.query.shape[2]
         probs = attention_probs(inputs, n - 1, n)  # (B, Hkv, G, 1, T)
         b, hkv, _, _, length = probs.shape
-        scores = probs.mean(dim=(1, 2, 3))  # (B, T)
-        return scores[:, None, :].expand(b, hkv, length), None
+        scores = probs.mean(dim=(1, 2, 3))[:, None, :].expand(b, hkv, length)  # (B, Hkv, T)
+        return pool_by_position(scores, inputs.positions, self.kernel_size), None

@@ -191,6 +191,17 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, valid: torch.Tensor | No
     return pool(scores * real) / pool(real).clamp(min=1e-12)
 
 
+def pool_by_position(scores: torch.Tensor, positions: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``pool_scores`` over the cached tokens in position order, whatever their slot order (a
+    decode step's cache is not in order): (B, Hkv, T) -> same. Padding and empty slots are no
+    neighbours and keep their scores."""
+    if kernel_size == 1:
+        return scores
+    order = positions.argsort(dim=-1)  # (B, Hkv, T): padding (-1) first
+    pooled = pool_scores(scores.gather(-1, order), kernel_size, positions.gather(-1, order) >= 0)
+    return torch.where(positions >= 0, torch.empty_like(scores).scatter_(-1, order, pooled), scores)
+
+
 def window_scores(inputs: ScoreInputs, window: int) -> torch.Tensor:
     """Mean attention the last ``window`` new queries pay each token, averaged over the group and
     over the real queries among them: (B, Hkv, T)."""

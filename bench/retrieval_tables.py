@@ -1,0 +1,63 @@
+"""Markdown tables for docs/results.md from retrieval JSON: what ``compile-sparse eval --protocol
+retrieval --json`` writes (ours, dense, truncation) and what bench/kv_retrieval.py writes (kvpress).
+One table per retrieval setting and task (and the task average when there are several): accuracy
+per method at each KV ratio.
+
+    .venv/bin/python bench/retrieval_tables.py docs/data/retrieval_*.json docs/data/kvpress_retrieval*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def entries(path: str) -> list[tuple[str, str, float, dict[str, float]]]:
+    """(retrieval setting, method, ratio, accuracy per task) of one file, dense and truncation included."""
+    data = json.load(open(path))
+    print(f"<!-- {path}: {data.get('command', 'compile-sparse eval ... --protocol retrieval')} -->")
+    if "rows" in data:  # bench/kv_retrieval.py
+        return [(data["setting"], r["method"], r["ratio"], r["tasks"]) for r in data["rows"]]
+    out = []
+    for row in data["settings"]:
+        kv = row["options"].get("kv", {})
+        params = "".join(f" {k}={v}" for k, v in kv.items() if k not in ("method", "compression_ratio")) \
+            if isinstance(kv, dict) else ""
+        method = (kv.get("method", row["setting"]) if isinstance(kv, dict) else str(kv)) + params
+        ratio = round(row["kv_removed"], 2)
+        tasks = row["tasks"]
+        out.append((row["retrieval_setting"], method, ratio, {t: v["accuracy"] for t, v in tasks.items()}))
+        out.append((row["retrieval_setting"], "dense", 0.0, {t: v["accuracy_dense"] for t, v in tasks.items()}))
+        if row["accuracy_truncate"] is not None:
+            out.append((row["retrieval_setting"], "truncate", ratio, {t: v["accuracy_truncate"] for t, v in tasks.items()}))
+    return out
+
+
+def table(found: list[tuple[str, float, dict[str, float]]], task: str) -> str:
+    ratios = sorted({r for m, r, _ in found if m != "dense"})
+    values: dict[str, dict[float, float]] = {}
+    for method, ratio, tasks in found:
+        score = sum(tasks.values()) / len(tasks) if task == "average" else tasks.get(task)
+        if score is not None:
+            for x in (ratios if method == "dense" else [ratio]):
+                values.setdefault(method, {})[x] = score
+    order = ["dense", "truncate"] + sorted(m for m in values if m not in ("dense", "truncate"))
+    lines = [f"| {task} | " + " | ".join(f"ratio {x}" for x in ratios) + " |", "|---|" + "---:|" * len(ratios)]
+    for method in (m for m in order if m in values):
+        lines.append(f"| {method} | " + " | ".join(f"{values[method][x]:.2f}" if x in values[method] else "—"
+                                                    for x in ratios) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    found = [e for path in sys.argv[1:] for e in entries(path)]
+    for setting in sorted({e[0] for e in found}):
+        chosen = [e[1:] for e in found if e[0] == setting]
+        tasks = sorted({t for _, _, tasks in chosen for t in tasks})
+        for task in tasks + (["average"] if len(tasks) > 1 else []):
+            print(f"\n{setting}:\n")
+            print(table(chosen, task))
+
+
+if __name__ == "__main__":
+    main()
