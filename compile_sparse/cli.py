@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = sub.add_parser("eval", parents=[long_work],
                               help="quality of one or more settings against dense and truncation (docs/evaluation.md)")
     evaluate.add_argument("model", help="a model with a tokenizer: smollm2 or a local causal-LM folder "
-                                        "(ctx-continuation, window-ppl), minilm (minilm)")
+                                        "(ctx-continuation, window-ppl, retrieval), minilm (minilm)")
     evaluate.add_argument("--protocol", required=True, choices=PROTOCOLS)
     evaluate.add_argument("--options", action="append", help="a setting: the torch.compile options dict as JSON (repeatable)")
     evaluate.add_argument("--method", nargs="+", default=None, help="shorthand: each of these KV methods at each of --ratios")

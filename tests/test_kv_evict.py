@@ -87,7 +87,7 @@ def test_config_object_works_like_its_dict():
     cache, _ = prefill_cache(model, ids(), {"kv": compile_sparse.TOVAConfig(compression_ratio=0.5), "lowering": "eager"})
     assert [layer.keys.shape[-2] for layer in cache.layers] == [20, 20]
     assert compile_sparse.parse_options({"kv": {"method": "tova", "compression_ratio": 0.5}}).to_dict()["kv"] == \
-        {"method": "tova", "compression_ratio": 0.5, "decode": True}
+        {"method": "tova", "compression_ratio": 0.5, "decode": True, "kernel_size": 1}
 
 
 def test_budgets_match_kvpress_convention():
