@@ -11,13 +11,25 @@ import torch.fx as fx
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable:
-    """Lower a (rewritten) Dynamo graph through Inductor, as ``backend="inductor"`` would."""
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None,
+                          cache_key: str) -> Callable:
+    """Lower a (rewritten) Dynamo graph through Inductor, as ``backend="inductor"`` would.
+
+    The functions of ours the passes call in the graph (``package`` modules) are marked cacheable
+    under ``cache_key`` (a digest of their source), so that AOTAutograd's on-disk cache holds the
+    graph as it holds a plain Inductor one: without it every compile retraces the graph through
+    AOTAutograd and Inductor's joint passes, warm cache or not (most of a warm compile)."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    package = __name__.split(".")[0]
+    for node in gm.graph.nodes:
+        target = getattr(node.target, "func", node.target)  # a functools.partial's function
+        if node.op == "call_function" and getattr(target, "__module__", "").startswith(package + "."):
+            node.meta["is_wrapped"] = True  # AOTAutograd's cache check: keyed by user_cache_hash
+            node.meta["user_cache_hash"] = cache_key
     return compile_fx(gm, list(example_inputs), config_patches=list_mode_options(mode) if mode else {})
 
 
@@ -73,7 +85,7 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
             node.meta["example_value"] = node.meta["val"]
 
 
-def compile_per_shape(fn: Callable, backend: Callable, limit: int = 1024) -> Callable:
+def compile_per_shape(fn: Callable, backend: Callable | str, limit: int = 1024) -> Callable:
     """``torch.compile(fn, backend=..., dynamic=False)`` allowed ``limit`` recompiles, for loops that
     feed one static shape after another (sentences of different lengths) and must never fall back
     to the uncompiled function when Dynamo's default limit (8) is reached."""

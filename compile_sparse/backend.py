@@ -7,6 +7,8 @@ Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import logging
 import warnings
@@ -102,6 +104,15 @@ class _DebugDump:
         (self.dir / name).write_text(text)
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A digest of this package's Python source: what the functions our graphs call do."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     copied.meta.update(gm.meta)
@@ -160,5 +171,5 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode
     """Compile a transformed graph ("inductor") or run it as is ("eager"), wrapped so that state the
     passes thread through the graph (compile_sparse.state) stays with the backend."""
     inputs = extend_example_inputs(gm, example_inputs)
-    fn = gm.forward if lowering == "eager" else compile_with_inductor(gm, inputs, mode)
+    fn = gm.forward if lowering == "eager" else compile_with_inductor(gm, inputs, mode, source_digest())
     return with_state(fn, gm, STATE.store)

@@ -15,38 +15,53 @@ from typing import Any
 
 import torch
 
+from ._torch_internals import compile_per_shape
 from .timing import (cache_bytes, decode_step, fresh_inductor_cache, interleaved, prefill, repeat_cache, seconds,
                      slice_cache)
 
 
 def compiled(model: torch.nn.Module, options: dict) -> tuple[Any, Any]:
-    """(dense, sparse): the model's forward through Inductor (static shapes) and through the backend."""
-    dense = torch.compile(model.forward, backend="inductor", dynamic=False)
-    return dense, torch.compile(model.forward, backend="sparse", options=options)
+    """(dense, sparse): the model's forward through Inductor (static shapes, any number of them) and
+    through the backend, as a user compiles it.
+
+    Each side traces a function of its own: Dynamo keeps compiled graphs, recompile counts and the
+    sizes it turns symbolic after a recompile per code object, so with both sides on one
+    ``model.forward`` the dense side's shapes would make the sparse side's graphs dynamic (its
+    decode step compiled for any cache length) and the two would share one recompile limit."""
+
+    def dense_forward(*args: Any, **kwargs: Any) -> Any:
+        return model.forward(*args, **kwargs)
+
+    def sparse_forward(*args: Any, **kwargs: Any) -> Any:
+        return model.forward(*args, **kwargs)
+
+    return (compile_per_shape(dense_forward, "inductor"),
+            torch.compile(sparse_forward, backend="sparse", options=options))
 
 
-def compile_seconds(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> dict:
-    """Seconds of compilation, dense against sparse, for the prefill of ``ids`` and a decode step
-    after it, in a fresh torch.compile state."""
+def compile_seconds(model: torch.nn.Module, options: dict, ids: torch.Tensor, side: str) -> dict:
+    """Seconds of compilation of one side ("dense" or "sparse") for the prefill of ``ids`` and a
+    decode step after it, in a fresh torch.compile state."""
     torch.compiler.reset()
-    out: dict = {}
-    for side, forward in zip(("dense", "sparse"), compiled(model, options)):
-        first = seconds(prefill(forward, ids))
-        cache = prefill(forward, ids)().past_key_values
-        again = seconds(prefill(forward, ids))
-        step = decode_step(forward, cache, ids.shape[0], ids.shape[1], keep_length=side == "dense")
-        first_step = seconds(step)
-        step()
-        out[side] = {"prefill": first - again, "decode": first_step - seconds(step)}
-    return out
+    forward = dict(zip(("dense", "sparse"), compiled(model, options)))[side]
+    first = seconds(prefill(forward, ids))
+    cache = prefill(forward, ids)().past_key_values
+    again = seconds(prefill(forward, ids))
+    step = decode_step(forward, cache, ids.shape[0], ids.shape[1], keep_length=side == "dense")
+    first_step = seconds(step)
+    step()
+    return {"prefill": first - again, "decode": first_step - seconds(step)}
 
 
 def compile_times(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> dict:
-    """``compile_seconds`` with Inductor's on-disk caches empty ("cold"), then filled ("warm")."""
-    with fresh_inductor_cache():
-        cold = compile_seconds(model, options, ids)
-        warm = compile_seconds(model, options, ids)
-    return {"cold": cold, "warm": warm}
+    """``compile_seconds`` of each side with Inductor's on-disk caches empty ("cold": a folder of
+    its own per side, so neither side reuses what the other compiled), then filled ("warm")."""
+    out: dict = {"cold": {}, "warm": {}}
+    for side in ("dense", "sparse"):
+        with fresh_inductor_cache():
+            out["cold"][side] = compile_seconds(model, options, ids, side)
+            out["warm"][side] = compile_seconds(model, options, ids, side)
+    return out
 
 
 def prefill_times(dense, sparse, ids: torch.Tensor, rounds: int) -> dict:

@@ -192,6 +192,28 @@ def test_static_decode_compiles_once_and_writes_in_place():
     assert [k.shape[-2] for k in keys] == [16, 16]
 
 
+def test_a_second_compile_loads_the_graphs_from_aotautograds_cache():
+    """The functions of ours the passes put in a graph do not keep AOTAutograd's on-disk cache from
+    holding it (a warm compile then skips AOTAutograd's trace and Inductor's joint passes, as a plain
+    Inductor compile does), and the graphs loaded from it compute what the first compile's did."""
+    model = models.tiny_llama()
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for _ in range(2):
+        torch.compiler.reset()
+        counters.clear()
+        forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("h2o", 0.5)})
+        with torch.no_grad():
+            out = forward(input_ids=ids, use_cache=True)
+            step = forward(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values,
+                           position_ids=torch.tensor([[40]]), cache_position=torch.tensor([40]))
+        runs.append((out.logits, step.logits, [layer.keys.clone() for layer in out.past_key_values.layers]))
+        assert "autograd_cache_bypass" not in counters["aot_autograd"]
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 2  # the prefill graph and the decode graph
+    for first, second in zip(*runs):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_the_default_recipe_works_with_generates_static_cache():
     model = compiled(models.tiny_llama(), {"lowering": "eager"})
     out = generate(model, torch.randint(3, 100, (1, 96)), cache_implementation="static")

@@ -2,9 +2,10 @@
 heads, decides: at prefill the last prompt token's, at every decode step the new token's. No
 state beyond the scores themselves: each step looks only at the current query.
 
-``kernel_size`` > 1 (ours, SnapKV's clustering) averages the prompt's scores over neighbouring
-positions, so that the tokens around an attended one stay with it: a 7-digit number the question
-points at by its first digit keeps its other six (docs/results.md, retrieval)."""
+``kernel_size`` > 1 (ours, SnapKV's clustering) averages the scores (the prompt's and each decode
+step's) over neighbouring positions, so that the tokens around an attended one stay with it: a
+7-digit number the question points at by its first digit keeps its other six (docs/results.md,
+retrieval)."""
 
 from __future__ import annotations
 

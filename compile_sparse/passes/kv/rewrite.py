@@ -128,7 +128,10 @@ class _Site:
         return [self.call(operator.getitem, node, i) for i in range(count)]
 
     def replace_output(self, new: fx.Node) -> None:
-        """The site's attention output is now ``new`` (which does not read it)."""
+        """The site's attention output is now ``new`` (which does not read it), of the same shape:
+        it takes the old one's example value (the graph's method calls on it need one)."""
+        if "example_value" in self.site.output.meta:
+            new.meta["example_value"] = self.site.output.meta["example_value"]
         self.site.output.replace_all_uses_with(new)
 
     def hand_back(self, old: fx.Node, new: fx.Node) -> None:
