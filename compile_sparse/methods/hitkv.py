@@ -67,6 +67,9 @@ class HitKVConfig(KVConfig):
     def per_query(self, probs: torch.Tensor) -> torch.Tensor:
         return top_k_hits(probs, self.top_k)
 
+    def native_per_query(self) -> int:
+        return self.top_k
+
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Hit rate: (B, Hkv, T); state (B, Hkv, T, 2) = [hits, (query, head) pairs that saw the key]."""
         state = accumulate(inputs, self.per_query)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...codegen import cpu as cpu_kernels
 from ...state import is_resizable
 from ..registry import build, method_of, params_of
 from .scoring import KVConfig, ScoreInputs
@@ -85,13 +86,29 @@ def kept_state(scores: Tensor, method_state: Tensor | None, positions: Tensor, i
 def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float, softcap: float | None,
                      spec: str) -> tuple[Tensor, Tensor]:
     """Causal attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) (``valid`` (B, T): the real
-    tokens, None: all), computed ATTENTION_CHUNK queries at a time, each chunk over the keys it can
-    see, with each chunk's rows also summed into the method's per-token totals (its ``per_query``;
-    the column sums by default, as a product with the rows' normalizers, never materializing the
-    probabilities). Returns the output (B, Hq, T, D) in q's dtype (0 for a padding query that
-    sees nothing) and the totals (B, Hkv, T) fp32."""
+    tokens, None: all) with the method's per-token totals (B, Hkv, T) fp32 (its ``per_query`` summed
+    over every query); the output in q's dtype and layout, 0 for a padding query that sees nothing.
+    On CPU the native kernel computes both in one pass where the method has a native rule
+    (codegen/cpu.py); otherwise ``attention_totals_torch``."""
     config = config_of(spec)
-    column_sums = type(config).per_query is KVConfig.per_query
+    rule = config.native_per_query()
+    if q.device.type == "cpu" and rule is not None and cpu_kernels.available():
+        out, totals = cpu_kernels.attention_totals(q, k, v, valid, scale, softcap, rule)
+        return torch.empty_like(q).copy_(out), totals
+    return attention_totals_torch(q, k, v, valid, scale, softcap, config)
+
+
+@attention_totals.register_fake
+def _(q, k, v, valid, scale, softcap, spec):
+    return torch.empty_like(q), q.new_empty((q.shape[0], k.shape[1], q.shape[2]), dtype=torch.float32)
+
+
+def attention_totals_torch(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float,
+                           softcap: float | None, config: KVConfig) -> tuple[Tensor, Tensor]:
+    """``kv_attention_totals`` in torch: ATTENTION_CHUNK queries at a time, each chunk over the keys
+    it can see, each chunk's rows also reduced into the totals (the column sums as a product with
+    the rows' normalizers, never materializing the probabilities)."""
+    column_sums = config.native_per_query() == 0
     b, hq, length, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -122,11 +139,6 @@ def attention_totals(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scal
         else:
             totals[:, :, :stop] += config.per_query(weights.mul_(inverse).view(b, hkv, group, c, stop))
     return out, totals
-
-
-@attention_totals.register_fake
-def _(q, k, v, valid, scale, softcap, spec):
-    return torch.empty_like(q), q.new_empty((q.shape[0], k.shape[1], q.shape[2]), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,12 @@ class KVConfig(ABC):
         adds to each token's total (B, Hkv, T). The attention probabilities themselves by default."""
         return probs.sum(dim=(2, 3))
 
+    def native_per_query(self) -> int | None:
+        """``per_query`` as the native CPU attention (codegen/cpu.py) computes it: 0 the sum of the
+        probabilities (the default ``per_query``), k > 0 a hit for each row's k largest (HitKV's),
+        None when only ``per_query`` can (the torch chunks run then)."""
+        return 0 if type(self).per_query is KVConfig.per_query else None
+
     def budget(self, layer: int, num_layers: int, length: Any) -> Any:
         """Tokens a layer keeps of a ``length``-token prompt: max(1, floor(length * (1 - ratio)))."""
         return uniform_budget(length, self.compression_ratio)
