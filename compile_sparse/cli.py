@@ -4,7 +4,7 @@
     compile-sparse methods [--json FILE]
     compile-sparse eval MODEL --protocol {ctx-continuation,window-ppl,minilm,retrieval} [--options JSON ...]
                        [--method NAME ... --ratios R ...] [--docs N] [--json FILE] [--plot FILE.png] [--quiet]
-                       [--tasks TASK ...] [--length N] [--setting {query-aware,query-agnostic}] [--cases N]
+                       [--tasks TASK ...] [--length N] [--setting {query-aware,query-agnostic}] [--cases N] [--first-case I]
     compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE] [--quiet]
 
 MODEL is a zoo name or a local folder that transformers loads (config.json, weights, its tokenizer).
@@ -167,20 +167,16 @@ def _retrieval(args, model, tokenizer, settings) -> tuple[list[dict], list[dict]
         raise ValueError(f"--length {args.length}: retrieval prompts need at least 256 tokens")
     if args.cases < 1:
         raise ValueError(f"--cases {args.cases}: at least 1")
-    cases = retrieval.make_cases(tokenizer, tuple(args.tasks), args.length, args.cases)
+    cases = retrieval.make_cases(tokenizer, tuple(args.tasks), args.length, args.cases, args.first_case)
 
-    def compiled(options: dict):
-        torch.compiler.reset()
-        return ev.compiled_forward(model, {"lowering": "eager", **options})
-
-    dense, truncate, outcomes = retrieval.run(model, tokenizer, cases, settings, args.setting, compiled,
-                                              [_label(o) for o in settings])
+    dense, truncate, outcomes = retrieval.run(model, tokenizer, cases, settings, args.setting,
+                                              labels=[_label(o) for o in settings])
     rows, points = [], []
     for options, outcome in zip(settings, outcomes):
         ratio = retrieval.truncate_ratio(options) or round(outcome.kv_removed, 3)
         base = truncate.get(ratio)
         rows.append({"options": _jsonable(options), "setting": _label(options), "retrieval_setting": args.setting,
-                     "length": args.length, "cases": args.cases, "kv_removed": outcome.kv_removed,
+                     "length": args.length, "cases": args.cases, "first_case": args.first_case, "kv_removed": outcome.kv_removed,
                      "accuracy": outcome.accuracy, "accuracy_dense": dense.accuracy,
                      "accuracy_truncate": base.accuracy if base else None,
                      "tasks": {task: {"accuracy": value, "accuracy_dense": dense.tasks[task],
@@ -342,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="retrieval: the question inside the prefilled prompt (query-aware, default) or fed after "
                                "the context is compressed (query-agnostic)")
     evaluate.add_argument("--cases", type=int, default=retrieval.CASES, help="retrieval: cases per task (default 50)")
+    evaluate.add_argument("--first-case", type=int, default=0,
+                          help="retrieval: index of the first case (default 0; the tables use 0..49, a later range "
+                               "is held out for choosing parameters)")
     evaluate.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     evaluate.add_argument("--plot", default=None, metavar="FILE.png", help="draw quality against compression")
     evaluate.set_defaults(run=_eval)

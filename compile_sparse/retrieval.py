@@ -24,7 +24,8 @@ the queries, keys and values of each attention are captured once and every metho
 with the same operator the compiled graph calls (``compile_sparse::kv_prefill``). The answer's
 tokens are then appended without eviction (a method's decode rule would evict at most as many
 tokens as the answer has). Any other setting (token dropping, a recipe with one) runs through
-``torch.compile(backend="sparse")`` case by case.
+``torch.compile(backend="sparse")`` case by case; without a KV method its answer is decoded by
+the plain model (token dropping changes the prompt's forward only).
 """
 
 from __future__ import annotations
@@ -207,16 +208,22 @@ def make_case(task: str, index: int, hay: Haystack, length: int = LENGTH) -> Cas
         body += hay.ids[last:stop]
     context = torch.tensor([head + body])  # (1, C)
     new_tokens = len(hay.encode(" " + ", ".join(answers))) + SLACK
+    if len(answers) > 1:  # the model lists them, text around each: twice a numbered list's tokens
+        new_tokens = max(new_tokens, 2 * len(hay.encode("\n".join(f"{i}. {a}" for i, a in enumerate(answers, 1)))))
     return Case(task, context, torch.tensor([tail]), answers, new_tokens)  # question (1, Q)
 
 
-def make_cases(tokenizer: Any, tasks: tuple[str, ...] = TASKS, length: int = LENGTH, count: int = CASES) -> list[Case]:
-    """``count`` cases of each task, in task order."""
+def make_cases(tokenizer: Any, tasks: tuple[str, ...] = TASKS, length: int = LENGTH, count: int = CASES,
+               first: int = 0) -> list[Case]:
+    """``count`` cases of each task, in task order: cases ``first`` .. ``first + count - 1`` (the
+    reported tables use 0 ..; a later range is held out for choosing a method's parameters)."""
     for task in tasks:
         if task not in TASKS:
             raise ValueError(f"unknown retrieval task {task!r}; valid: {', '.join(TASKS)}")
+    if first < 0:
+        raise ValueError(f"retrieval first case {first}: must be >= 0")
     hay = Haystack(tokenizer)
-    return [make_case(task, i, hay, length) for task in tasks for i in range(count)]
+    return [make_case(task, i, hay, length) for task in tasks for i in range(first, first + count)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +424,25 @@ def kv_config(options: dict) -> Any:
     return methods["kv"] if set(methods) == {"kv"} else None
 
 
+def compiled_setting(model: torch.nn.Module, options: dict) -> Callable:
+    """``model.forward`` compiled with the backend for a setting that is not replayed. Without a KV
+    method it is compiled for static sizes: the token pass needs the prompt length static, and
+    Dynamo would otherwise make it symbolic once the same forward has seen two lengths (one graph
+    per length then: query-aware prompts all have the protocol's)."""
+    torch.compiler.reset()
+    return torch.compile(model.forward, backend="sparse", options={"lowering": "eager", **options},
+                         dynamic=False if prefill_only(options) else None)
+
+
+def prefill_only(options: dict) -> bool:
+    """A setting without a KV method changes the prompt's forward only (token dropping: decode
+    steps run dense over the shorter cache), so its answer is decoded by the plain model, and its
+    compiled forward sees prompt lengths alone (the token pass needs them static)."""
+    from .options import parse_options
+
+    return "kv" not in parse_options(options).methods
+
+
 def truncate_ratio(options: dict) -> float | None:
     """The fraction a setting's KV method removes (its truncation baseline), None without one."""
     from .options import parse_options
@@ -454,13 +480,13 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
         labels: list[str] | None = None) -> tuple[Outcome, dict[float, Outcome], list[Outcome]]:
     """Dense and every setting on ``cases``, then truncation at each setting's KV ratio, or at the
     share a setting without one measured removed (token dropping), to 3 decimals.
-    ``compiled(options)`` gives the compiled forward of a setting that is not a KV method alone."""
+    ``compiled(options)`` gives the compiled forward of a setting that is not a KV method alone
+    (``compiled_setting`` by default)."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown retrieval setting {setting!r}; valid: {', '.join(SETTINGS)}")
     answer = Answerer(tokenizer)
     configs = [kv_config(options) for options in settings]
-    if compiled is None and None in configs:
-        raise ValueError("a setting that is not a KV method alone needs ``compiled`` to run it")
+    compiled = compiled or (lambda options: compiled_setting(model, options))
     forwards = [compiled(options) if config is None else None for options, config in zip(settings, configs)]
     dense = Outcome("dense")
     outcomes = [Outcome(label) for label in labels or [str(s) for s in settings]]
@@ -470,13 +496,14 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
             captured = capture(model, case.prompt)
             dense.add(case, answer(model, case, "query-aware", dense_cache(model, captured, length), captured.logits))
             memo: dict = {}
-            for config, forward, outcome in zip(configs, forwards, outcomes):
+            for options, config, forward, outcome in zip(settings, configs, forwards, outcomes):
                 if config is not None:
                     cache, _ = replayed_cache(model, captured, config, observed, memo)
                     step, logits = model, captured.logits if setting == "query-aware" else None
                 else:
                     out = forward(input_ids=case.prompt[:, :observed], use_cache=True, logits_to_keep=1)
-                    step, cache, logits = forward, out.past_key_values, out.logits[:, -1]
+                    step = model if prefill_only(options) else forward
+                    cache, logits = out.past_key_values, out.logits[:, -1]
                 kept = _share(cache, observed)
                 outcome.add(case, answer(step, case, setting, cache, logits), kept)
         ratios = {truncate_ratio(options) or round(outcome.kv_removed, 3) for options, outcome in zip(settings, outcomes)}

@@ -1,5 +1,5 @@
 """Compile the real SmolLM2-135M-Instruct with backend="sparse" and no options (the default recipe,
-H2O KV-cache eviction keeping 25% of the prompt's cache): what was found and changed, quality
+TOVA KV-cache eviction per KV head, pooled, keeping 50% of the prompt's cache): what was found and changed, quality
 (ctx-continuation on a State of the Union speech, beside dense and truncation) and speed (one
 decode step over the compressed cache, beside dense, both through Inductor), all on CPU.
 

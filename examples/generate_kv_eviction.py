@@ -1,5 +1,5 @@
 """Generate with SmolLM2 whose KV cache is evicted as it is filled: backend="sparse" with no
-compression method chosen (the default recipe: H2O keeping 25% of the prompt's cache), against the
+compression method chosen (the default recipe: TOVA per KV head, pooled, keeping 50% of the prompt's cache), against the
 dense model. Prints the cache per layer, the text both generate, and the memory the cache takes.
 Under a minute on 2 CPU cores with the default ``{"lowering": "eager"}`` (the rewritten graph runs
 without Inductor's compile time; ``--options '{}'`` compiles with Inductor: about 2 more minutes).

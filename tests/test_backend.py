@@ -207,7 +207,7 @@ def test_decode_over_a_growing_cache_compiles_twice_not_per_length():
 
 def test_no_options_evicts_the_kv_cache_with_the_default_recipe():
     """backend="sparse" with no options (or options that choose no method) applies the default
-    recipe: H2O keeping 25% of the prompt's cache (docs/results.md, "Recipes")."""
+    recipe: TOVA per KV head, pooled, keeping half of the prompt's cache (docs/results.md, "Recipes")."""
     model = models.tiny_llama(layers=2)
     ids = torch.randint(0, 128, (1, 40))
     for options in (None, {"lowering": "eager"}):
@@ -215,7 +215,7 @@ def test_no_options_evicts_the_kv_cache_with_the_default_recipe():
         kwargs = {} if options is None else {"options": options}
         with torch.no_grad():
             cache = torch.compile(model, backend="sparse", **kwargs)(ids, use_cache=True).past_key_values
-        assert [layer.keys.shape[2] for layer in cache.layers] == [10, 10]
+        assert [layer.keys.shape[2] for layer in cache.layers] == [20, 20]
     report = compile_sparse.explain(model, ids, use_cache=True)
-    assert report.options["recipe"] == "kv-balanced" and report.passes[0]["method"] == "h2o"
+    assert report.options["recipe"] == "kv-balanced" and report.passes[0]["method"] == "tova"
     assert "recipe kv-balanced" in str(report)

@@ -61,7 +61,7 @@ def test_inspect_a_local_model_folder(model_folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 graph(s), 2 attention sites, 2 MLP sites, 0 skipped" in printed
     assert "0-1  sdpa                      4/2       16   True      8      8" in printed  # grouped, sdpa, 8 tokens
-    assert "layers 0-1 attention: prefill eviction: cache 8 -> 2 tokens" in printed
+    assert "layers 0-1 attention: prefill eviction: cache 8 -> 4 tokens" in printed
     assert json.loads(out.read_text())["model"] == str(model_folder)
 
 

@@ -87,7 +87,7 @@ def test_config_object_works_like_its_dict():
     cache, _ = prefill_cache(model, ids(), {"kv": compile_sparse.TOVAConfig(compression_ratio=0.5), "lowering": "eager"})
     assert [layer.keys.shape[-2] for layer in cache.layers] == [20, 20]
     assert compile_sparse.parse_options({"kv": {"method": "tova", "compression_ratio": 0.5}}).to_dict()["kv"] == \
-        {"method": "tova", "compression_ratio": 0.5, "decode": True, "kernel_size": 1}
+        {"method": "tova", "compression_ratio": 0.5, "decode": True, "kernel_size": 1, "per_head": False}
 
 
 def test_budgets_match_kvpress_convention():
@@ -196,19 +196,31 @@ def _gather(tensor, index):
     return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
-def _decode_reference(method, model, prompt, steps):
+def _tova_per_head(probs, group):
+    """TOVA per KV head: the rows of the newest query (B, H, T) -> their mean per group (B, Hkv, T)."""
+    return probs.unflatten(1, (-1, group)).mean(2)
+
+
+# references of method variants: (method, parameters) -> (prefill scores, decode rule), as in tests/methods.py
+VARIANTS = {("tova", "per_head"): (lambda probs, keys, group: _tova_per_head(probs[:, :, -1], group),
+                                   (lambda probs, group: None, lambda state, probs, group: (_tova_per_head(probs, group), None), 0))}
+
+
+def _decode_reference(method, model, prompt, steps, variant=None):
     """Plain torch over the eager model's attention. The prefill keeps the budget by the method's
-    reference scores. Each decode step drops the slot with the lowest score of the previous call,
-    runs the model over the other slots and the new token, and puts the new token in the freed
-    slot; its query's attention then gives the new scores. Returns the final keys per layer."""
+    reference scores (or its ``variant``'s in VARIANTS). Each decode step drops the slot with the
+    lowest score of the previous call, runs the model over the other slots and the new token, and
+    puts the new token in the freed slot; its query's attention then gives the new scores. Returns
+    the final keys per layer."""
     budget = T // 4
-    start, step_rule, window = DECODE[method]
+    prefill_rule, (start, step_rule, window) = VARIANTS[method, variant] if variant else (PREFILL_REFERENCE[method],
+                                                                                         DECODE[method])
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, output_attentions=True)
     cache, layers = out.past_key_values, []
     for probs, layer in zip(out.attentions, cache.layers):
-        scores = PREFILL_REFERENCE[method](probs, layer.keys, group)
+        scores = prefill_rule(probs, layer.keys, group)
         index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K), in position order
         state = start(probs, group)
         layer.keys, layer.values = _gather(layer.keys, index), _gather(layer.values, index)
@@ -243,13 +255,14 @@ def _decode_reference(method, model, prompt, steps):
     return [layer.keys for layer in cache.layers]
 
 
-@pytest.mark.parametrize("method", DECODE_METHODS)
-def test_decode_eviction_matches_a_plain_reference_and_resets_on_prefill(method):
+@pytest.mark.parametrize("method, variant", [(m, None) for m in DECODE_METHODS] + list(VARIANTS))
+def test_decode_eviction_matches_a_plain_reference_and_resets_on_prefill(method, variant):
     reference_model = models.tiny_llama(attn_implementation="eager")
     model = models.tiny_llama()
     prompt = ids()
-    expected = _decode_reference(method, reference_model, prompt, steps=5)
-    compiled = torch.compile(model.forward, backend="sparse", options={"kv": kv(method, 0.75), "lowering": "eager"})
+    expected = _decode_reference(method, reference_model, prompt, steps=5, variant=variant)
+    options = kv(method, 0.75, **({variant: True} if variant else {}))
+    compiled = torch.compile(model.forward, backend="sparse", options={"kv": options, "lowering": "eager"})
     for _ in range(2):  # the second prefill starts fresh scores: same result again
         with torch.no_grad():
             out = compiled(input_ids=prompt, use_cache=True)
@@ -316,6 +329,7 @@ def test_without_a_cache_nothing_is_evicted_and_explain_says_so():
     ({"method": "hitkv", "budgets": "fancy"}, "budgets must be one of uniform, pyramid, got 'fancy'"),
     ({"method": "h2o", "recent_window": -1}, "recent_window must be an int >= 0, got -1"),
     ({"method": "pyramidkv", "beta": 0}, "beta must be an int >= 1, got 0"),
+    ({"method": "tova", "per_head": 1}, "per_head must be True or False, got 1"),
 ])
 def test_bad_parameters_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):
@@ -333,17 +347,23 @@ def test_a_budget_smaller_than_the_protected_window_keeps_the_newest_tokens(meth
         torch.testing.assert_close(layer.keys, dense_layer.keys[:, :, -10:])
 
 
-def test_tova_pooled_keeps_the_topk_of_the_pooled_reference():
-    """TOVA with kernel_size 5: the last query's attention averaged over 5 neighbouring positions."""
+@pytest.mark.parametrize("per_head", [False, True])
+def test_tova_pooled_keeps_the_topk_of_the_pooled_reference(per_head):
+    """TOVA with kernel_size 5: the last query's attention (mean over every head, or per KV head
+    over its group) averaged over 5 neighbouring positions."""
     heads, kv_heads = 6, 2
     reference_model = models.tiny_llama(heads=heads, kv_heads=kv_heads, attn_implementation="eager")
     model = models.tiny_llama(heads=heads, kv_heads=kv_heads)
     input_ids = ids()
     with torch.no_grad():
         dense = reference_model(input_ids=input_ids, use_cache=True, output_attentions=True)
-    cache, _ = prefill_cache(model, input_ids, {"kv": kv("tova", 0.5, kernel_size=5), "lowering": "eager"})
+    options = {"kv": kv("tova", 0.5, kernel_size=5, per_head=per_head), "lowering": "eager"}
+    cache, _ = prefill_cache(model, input_ids, options)
     for probs, dense_layer, kept in zip(dense.attentions, dense.past_key_values.layers, cache.layers):
-        tova = PREFILL_REFERENCE["tova"](probs, dense_layer.keys, heads // kv_heads)  # (B, Hkv, T)
+        if per_head:
+            tova = probs[:, :, -1].unflatten(1, (kv_heads, heads // kv_heads)).mean(2)  # (B, Hkv, T)
+        else:
+            tova = PREFILL_REFERENCE["tova"](probs, dense_layer.keys, heads // kv_heads)  # (B, Hkv, T)
         pooled = torch.nn.functional.avg_pool1d(tova, 5, stride=1, padding=2, count_include_pad=False)
         index = pooled.topk(T // 2, dim=-1).indices.sort(dim=-1).values
         gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compile_sparse import RECIPES, parse_options
-from compile_sparse import H2OConfig, SnapKVConfig
+from compile_sparse import H2OConfig, SnapKVConfig, TOVAConfig
 from compile_sparse.passes import FAMILIES, METHODS, register, register_pass, unregister
 from compile_sparse.report import PassResult
 
@@ -38,7 +38,7 @@ def test_no_options_is_the_default_recipe():
     for empty in (None, {}, {"lowering": "inductor"}):
         parsed = parse_options(empty)
         assert parsed.recipe == "kv-balanced" and parsed.lowering == "inductor"
-        assert parsed.methods["kv"] == H2OConfig(compression_ratio=0.75)
+        assert parsed.methods["kv"] == TOVAConfig(compression_ratio=0.5, kernel_size=15, per_head=True)
     assert parse_options({"recipe": "dense"}).methods == {}
     assert parse_options({"kv": "snapkv"}).recipe is None
 
@@ -99,7 +99,7 @@ def test_bad_values_are_shown(keep_method):
         parse_options({"kv": {"method": "keep", "budget": 0}})
     with pytest.raises(ValueError, match="unknown lowering 'tvm'; valid: inductor, eager"):
         parse_options({"lowering": "tvm"})
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: composed, dense, kv-balanced, kv-near-lossless, kv-retrieval, prune-mlp20"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: composed, dense, kv-balanced, kv-continuation, kv-near-lossless, kv-retrieval, prune-mlp20"):
         parse_options({"recipe": "fast"})
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_options("{kv: }")

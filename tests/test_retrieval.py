@@ -3,11 +3,13 @@ replay of a KV method's eviction (the same kept tokens as the compiled graph), a
 
 import json
 import re
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 
+import compile_sparse
 from compile_sparse import models, retrieval
 from compile_sparse.cli import main
 from compile_sparse.passes.registry import build
@@ -46,6 +48,18 @@ def test_cases_have_the_exact_length_and_state_their_answers(task, length, hayst
             assert context.count(answer) >= 1, (answer, task)
         assert len(cases[0].answers) == {"single_needle": 1, "multi_key": 1, "multi_value": retrieval.NEEDLES,
                                          "variable_tracking": retrieval.CHAIN}[task]
+    if len(cases[0].answers) > 1:  # room for the answers as a numbered list (the model's way), twice over
+        listed = "\n".join(f"{i}. {a}" for i, a in enumerate(cases[0].answers, 1))
+        assert cases[0].max_new_tokens == 2 * len(tokenizer.encode(listed, add_special_tokens=False))
+
+
+def test_held_out_cases_start_where_asked(tokenizer):
+    held_out = retrieval.make_cases(tokenizer, ("single_needle", "multi_key"), 512, 2, first=100)
+    hay = retrieval.Haystack(tokenizer)
+    expected = [retrieval.make_case(task, i, hay, 512) for task in ("single_needle", "multi_key") for i in (100, 101)]
+    assert [torch.equal(a.prompt, b.prompt) for a, b in zip(held_out, expected)] == [True] * 4
+    with pytest.raises(ValueError, match="first case -1: must be >= 0"):
+        retrieval.make_cases(tokenizer, ("single_needle",), 512, 1, first=-1)
 
 
 def test_bad_task_and_setting_are_errors(tokenizer):
@@ -106,26 +120,47 @@ class _Ids:
 
 
 def test_a_token_method_runs_compiled_beside_a_replayed_kv_method():
-    """LazyLLM (token dropping) runs through the compiled model case by case; its KV removed is
-    measured from its cache and its truncation baseline runs at that share; H2O is replayed."""
+    """LazyLLM (token dropping) runs through the compiled model case by case, two settings of it
+    one after the other (the second compiled after the first decoded: its prompt length must stay
+    static, or the token pass would leave the graph dense); its KV removed is measured from its
+    cache and its truncation baseline runs at that share; H2O is replayed."""
     model = models.tiny_llama()
     generator = torch.Generator().manual_seed(5)
     cases = [retrieval.Case("single_needle", torch.randint(0, 128, (1, 40), generator=generator),
                             torch.randint(0, 128, (1, 8), generator=generator), ["7"], 4) for _ in range(2)]
     lazy = {"tokens": {"method": "lazyllm", "layers": [1], "keep_ratios": [0.5], "window": 4}}
+    lazier = {"tokens": {"method": "lazyllm", "layers": [1], "keep_ratios": [0.25], "window": 4}}
     compiled = []
 
     def compile_setting(options):
         compiled.append(options)
-        return torch.compile(model.forward, backend="sparse", options={"lowering": "eager", **options})
+        return retrieval.compiled_setting(model, options)
 
-    dense, truncate, (tokens, kv) = retrieval.run(model, _Ids(), cases, [lazy, {"kv": kv_options("h2o", 0.5)}],
-                                                  "query-aware", compile_setting)
-    assert compiled == [lazy]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compile_sparse.SparseWarning)  # nothing left dense
+        dense, truncate, (tokens, fewer, kv) = retrieval.run(model, _Ids(), cases,
+                                                             [lazy, lazier, {"kv": kv_options("h2o", 0.5)}],
+                                                             "query-aware", compile_setting)
+    assert compiled == [lazy, lazier]
     assert tokens.kv_removed == pytest.approx(0.25)  # layer 1 of 2 caches half the prompt
+    assert fewer.kv_removed == pytest.approx(0.375)  # layer 1 of 2 caches a quarter
     assert kv.kv_removed == pytest.approx(0.5)
-    assert sorted(truncate) == [0.25, 0.5]
-    assert [len(o.texts) for o in (dense, tokens, kv, *truncate.values())] == [2] * 5
+    assert sorted(truncate) == [0.25, 0.375, 0.5]
+    assert [len(o.texts) for o in (dense, tokens, fewer, kv, *truncate.values())] == [2] * 7
+
+
+def test_a_token_method_compresses_contexts_of_every_length():
+    """Query-agnostic: contexts of two lengths through one compiled setting; each is compressed
+    (a graph per length: the token pass needs static lengths), the question fed after it."""
+    model = models.tiny_llama()
+    generator = torch.Generator().manual_seed(6)
+    cases = [retrieval.Case("single_needle", torch.randint(0, 128, (1, n), generator=generator),
+                            torch.randint(0, 128, (1, 8), generator=generator), ["7"], 4) for n in (40, 48)]
+    lazy = {"tokens": {"method": "lazyllm", "layers": [1], "keep_ratios": [0.5], "window": 4}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compile_sparse.SparseWarning)  # nothing left dense
+        _, _, (tokens,) = retrieval.run(model, _Ids(), cases, [lazy], "query-agnostic")
+    assert tokens.kept == [0.75, 0.75]  # layer 1 of 2 caches half of each context
 
 
 def test_capture_restores_the_attention_and_refuses_sliding_windows():

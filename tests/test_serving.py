@@ -44,10 +44,19 @@ def budget(method, ratio, length, layer=0, layers=2):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_twelve_prompt_lengths_compress_every_call_in_one_prefill_graph(method):
+def recipe_budget(recipe, length):
+    """The tokens a KV recipe keeps of a ``length``-token prompt."""
+    return uniform_budget(length, compile_sparse.RECIPES[recipe]["kv"]["compression_ratio"])
+
+
+KV_RECIPES = ["kv-balanced", "kv-retrieval"]  # the default and the other TOVA recipe (H2O is a method below)
+CASES = [(m, {"kv": kv(m, 0.75)}) for m in METHODS] + [(r, {"recipe": r}) for r in KV_RECIPES]
+
+
+@pytest.mark.parametrize("method, options", CASES, ids=[c[0] for c in CASES])
+def test_twelve_prompt_lengths_compress_every_call_in_one_prefill_graph(method, options):
     model = models.tiny_llama(layers=2)
-    forward = torch.compile(model.forward, backend="sparse", options={"kv": kv(method, 0.75), "lowering": "eager"})
+    forward = torch.compile(model.forward, backend="sparse", options={**options, "lowering": "eager"})
     counters.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", compile_sparse.SparseWarning)  # no fallback, nothing left undone
@@ -55,7 +64,8 @@ def test_twelve_prompt_lengths_compress_every_call_in_one_prefill_graph(method):
             ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))
             with torch.no_grad():
                 cache = forward(input_ids=ids, use_cache=True).past_key_values
-            expected = [budget(method, 0.75, length, layer) for layer in range(2)]
+            expected = [recipe_budget(method, length) if method in KV_RECIPES else budget(method, 0.75, length, layer)
+                        for layer in range(2)]
             assert [layer.keys.shape[-2] for layer in cache.layers] == expected, length
     assert counters["stats"]["unique_graphs"] == 2  # the first length static, then one symbolic graph
 
@@ -219,8 +229,8 @@ def test_the_default_recipe_works_with_generates_static_cache():
     out = generate(model, torch.randint(3, 100, (1, 96)), cache_implementation="static")
     assert out.sequences.shape[1] == 104
     keys = out.past_key_values.layers[0].keys
-    assert keys.shape[-2] == uniform_budget(96, 0.75)  # HF's buffer holds the budget, not max_cache_len
-    assert int((STATE.store.get(keys)[..., 0] >= 0).sum()) == uniform_budget(96, 0.75) * 2  # every slot real, both KV heads
+    assert keys.shape[-2] == uniform_budget(96, 0.5)  # HF's buffer holds the budget, not max_cache_len
+    assert int((STATE.store.get(keys)[..., 0] >= 0).sum()) == uniform_budget(96, 0.5) * 2  # every slot real, both KV heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def _prefill_and_step(model, options, ids, mask):
     return keys, state, logits
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + KV_RECIPES)
 def test_a_left_padded_batch_keeps_for_each_row_what_the_row_keeps_alone(method):
     model = models.tiny_llama()
     a = torch.randint(3, 100, (1, 80), generator=torch.Generator().manual_seed(2))
@@ -251,12 +261,14 @@ def test_a_left_padded_batch_keeps_for_each_row_what_the_row_keeps_alone(method)
     ids = torch.cat([a, torch.cat([torch.zeros(1, 30, dtype=torch.long), b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :30] = 0
-    options = {"kv": kv(method, 0.5), "lowering": "eager"}
+    options = {"recipe" if method in KV_RECIPES else "kv": method if method in KV_RECIPES else kv(method, 0.5),
+               "lowering": "eager"}
     keys, state, logits = _prefill_and_step(model, options, ids, mask)
     for row, alone in ((0, a), (1, b)):
         alone_keys, alone_state, alone_logits = _prefill_and_step(model, options, alone, torch.ones_like(alone))
         for layer in range(2):
-            kept = budget(method, 0.5, alone.shape[1], layer)
+            kept = recipe_budget(method, alone.shape[1]) if method in KV_RECIPES else budget(method, 0.5, alone.shape[1],
+                                                                                              layer)
             positions = state[layer][row, :, :, 0]  # (Hkv, slots): true positions, -1 for empty slots
             assert torch.equal(positions[:, :kept], alone_state[layer][0, :, :kept, 0])  # the same tokens, in order
             assert (positions[:, kept:] == -1).all()  # the row's padding never kept, never counted

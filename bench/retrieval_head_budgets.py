@@ -1,0 +1,104 @@
+"""Per-head budgets (AdaKV's allocation) against uniform heads, same bytes, on the retrieval
+protocol's single-needle cases, before a packed per-head cache is built for them.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_head_budgets.py --first-case 100 --cases 30 \
+        --ratios 0.9 0.95 --floors 0.2 0.5
+
+Scorer: TOVA per KV head pooled over 15 positions (``{"method": "tova", "kernel_size": 15,
+"per_head": true}``): the last prompt query's attention, mean over each KV head's group. Uniform:
+each KV head keeps its top ``budget`` tokens. Per-head (AdaKV): each head keeps its top
+``floor * budget`` tokens, then the layer's other ``Hkv * budget * (1 - floor)`` slots go to the
+highest scores of any head. Evaluated masked (kvpress's way: every key stays in the cache, the
+attention of each head hides its evicted ones), so both sides hold the same number of real tokens;
+the answer is decoded greedily after the dense prompt's logits, as the retrieval replay does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from compile_sparse import models, retrieval
+from compile_sparse.passes.kv.scoring import pool_scores
+from compile_sparse.reference import grouped_probs
+
+KEEP: dict[int, torch.Tensor] = {}  # layer -> (1, Hkv, T) the prompt tokens each KV head keeps
+MASKED = "compile_sparse_head_budgets"
+
+
+def masked_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA over the cache with each head's evicted prompt tokens hidden (decode steps: one query)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    keep = KEEP[module.layer_idx]  # (1, Hkv, T)
+    b, hkv, t = keep.shape
+    visible = torch.ones(b, hkv, key.shape[2], dtype=torch.bool)  # (B, Hkv, L): the answer's tokens too
+    visible[:, :, :t] = keep
+    group = query.shape[1] // hkv
+    mask = visible.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, query.shape[2], -1)  # (B, H, q, L)
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def scores(site: retrieval.Site, length: int) -> torch.Tensor:
+    """Per-head pooled TOVA scores of one layer: (1, Hkv, T)."""
+    probs = grouped_probs(site.query[:, :, length - 1:length], site.key, site.scale)  # (1, Hkv, G, 1, T)
+    return pool_scores(probs.mean(dim=(2, 3)), 15)
+
+
+def uniform(s: torch.Tensor, budget: int) -> torch.Tensor:
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(budget, dim=-1).indices, True)
+
+
+def per_head(s: torch.Tensor, budget: int, floor: float) -> torch.Tensor:
+    b, h, t = s.shape
+    base = int(budget * floor)
+    keep = uniform(s, base) if base else torch.zeros_like(s, dtype=torch.bool)
+    rest = s.masked_fill(keep, float("-inf")).flatten(1)  # (B, Hkv * T): the heads compete
+    keep = keep.flatten(1).scatter(-1, rest.topk(h * (budget - base), dim=-1).indices, True)
+    return keep.view(b, h, t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-case", type=int, default=100)
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.95])
+    parser.add_argument("--floors", nargs="+", type=float, default=[0.2, 0.5])
+    args = parser.parse_args()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(MASKED, masked_attention)
+    model, tokenizer = models.load("smollm2")
+    cases = retrieval.make_cases(tokenizer, ("single_needle",), count=args.cases, first=args.first_case)
+    answer = retrieval.Answerer(tokenizer)
+    right = {"dense": 0}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, case in enumerate(cases):
+            length = case.prompt.shape[1]
+            captured = retrieval.capture(model, case.prompt)
+            cache = retrieval.dense_cache(model, captured, length)
+            right["dense"] += retrieval.is_correct(answer(model, case, "query-aware", cache, captured.logits), case.answers)
+            layer_scores = [scores(site, length) for site in captured.sites]
+            model.set_attn_implementation(MASKED)
+            for ratio in args.ratios:
+                budget = int(length * (1 - ratio))
+                rules = {"uniform": lambda s: uniform(s, budget)}
+                rules.update({f"per-head floor {f}": (lambda f: lambda s: per_head(s, budget, f))(f) for f in args.floors})
+                for name, rule in rules.items():
+                    KEEP.update({layer: rule(s) for layer, s in enumerate(layer_scores)})
+                    assert all(int(k.sum()) == k.shape[1] * budget for k in KEEP.values())  # same bytes
+                    cache = retrieval.dense_cache(model, captured, length)
+                    key = f"{name} @{ratio}"
+                    right[key] = right.get(key, 0) + retrieval.is_correct(
+                        answer(model, case, "query-aware", cache, captured.logits), case.answers)
+            model.set_attn_implementation("sdpa")
+            print(i + 1, round(time.perf_counter() - start), right, flush=True)
+    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "right": right}))
+
+
+if __name__ == "__main__":
+    main()
