@@ -30,7 +30,51 @@ def compile_with_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mod
         if node.op == "call_function" and getattr(target, "__module__", "").startswith(package + "."):
             node.meta["is_wrapped"] = True  # AOTAutograd's cache check: keyed by user_cache_hash
             node.meta["user_cache_hash"] = cache_key
-    return compile_fx(gm, list(example_inputs), config_patches=list_mode_options(mode) if mode else {})
+    _name_added_attributes(gm)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    if patches.get("triton.cudagraphs"):
+        # On an H200 (torch 2.11) the KV decode step's first CUDA-graph recording crashed (a
+        # segfault in a Triton launch of a graph partition) over StaticCache buffers allocated in
+        # the compiled prefill; with partitions off it ran (docs/results.md, the CUDA serving path).
+        patches["graph_partition"] = False
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a graph Dynamo captured that keeps what Dynamo attached for AOTAutograd: the meta,
+    the parameters' sources (``_param_name_to_source``) and each placeholder's source
+    (``_dynamo_source``). Without them AOTAutograd takes the graph for one Dynamo did not capture
+    and marks no input static for CUDA graphs: ``mode="reduce-overhead"`` would copy every weight
+    into the graph's buffers at each replay, and skip capture for a StaticCache written in place."""
+    import copy
+
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = dict(gm._param_name_to_source)
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), copied.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copied
+
+
+def _name_added_attributes(gm: fx.GraphModule) -> None:
+    """Parameters and buffers a pass registered on a Dynamo graph (pruned weights) get a source of
+    their own beside Dynamo's: AOTAutograd asks one of every parameter of a graph that has
+    sources (see copy_dynamo_graph), and marks them static for CUDA graphs."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        sources.setdefault(name, ConstantSource(f"compile_sparse.{name}"))
+
+
+def mark_added_input(node: fx.Node) -> None:
+    """A placeholder a pass added (no source in the user's code): AOTAutograd reads a source from
+    every placeholder of a Dynamo graph (see copy_dynamo_graph)."""
+    node._dynamo_source = None
 
 
 def run_on_examples(fn: Callable, *args: Any, **kwargs: Any) -> Any:

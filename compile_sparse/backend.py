@@ -6,7 +6,6 @@ Registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, 
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
@@ -18,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from ._torch_internals import compile_with_inductor, fail_on_recompile_limit, graph_break_reasons, on_recompile_limit
+from ._torch_internals import (compile_with_inductor, copy_dynamo_graph, fail_on_recompile_limit, graph_break_reasons,
+                                on_recompile_limit)
 from .analysis import analyze
 from .options import SparseOptions, parse_options
 from .passes.context import PassContext
@@ -113,16 +113,10 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    copied.meta.update(gm.meta)
-    return copied
-
-
 def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions) -> tuple[fx.GraphModule, GraphReport]:
     """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
     the graph it captured); returns the rewritten copy and a report."""
-    gm = _copy(gm)
+    gm = copy_dynamo_graph(gm)
     ctx = PassContext(example_inputs, STATE, options.kernels, options.strict)
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)

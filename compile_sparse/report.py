@@ -208,8 +208,9 @@ class Report:
         if self.options.get("recipe"):
             out.append(f"options: recipe {self.options['recipe']}"
                        + (" (the default, as no method was chosen: half the prompt's KV cache, chosen to keep "
-                          "perplexity within 2% and facts stated once in the prompt; kv-continuation keeps a "
-                          "quarter within 2% on continued text but forgets such facts)"
+                          "perplexity within 2% and facts stated once in the prompt when the question is in it too "
+                          "(not one asked after); kv-continuation keeps a quarter within 2% on continued text but "
+                          "forgets such facts)"
                           if self.options["recipe"] == DEFAULT_RECIPE else ""))
         for i, g in enumerate(self.graphs):
             out.append(f"-- graph {i}")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ._torch_internals import size_hint
+from ._torch_internals import mark_added_input, size_hint
 from .analysis import example_value
 from .passes.toolkit import output_node
 
@@ -66,6 +66,7 @@ def add_state_input(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(name)
     node.meta["example_value"] = example
+    mark_added_input(node)
     return node
 
 

@@ -202,6 +202,35 @@ def test_static_decode_compiles_once_and_writes_in_place():
     assert [k.shape[-2] for k in keys] == [16, 16]
 
 
+def test_the_rewritten_decode_graph_keeps_the_sources_cuda_graphs_need(monkeypatch):
+    """AOTAutograd marks inputs static for CUDA graphs (mode="reduce-overhead": weights not copied
+    at each replay, a StaticCache's buffers written in place without skipping capture) from what
+    Dynamo attached to the graph it captured. The backend's rewritten copy keeps it: the parameters'
+    sources, a source on every placeholder (None on the state inputs the KV pass adds), and the
+    static-address mark of the cache buffers (HF marks those it allocates outside a compiled call)."""
+    import compile_sparse.backend as backend
+
+    graphs = []
+    lower = backend.lower
+    monkeypatch.setattr(backend, "lower", lambda gm, *args: graphs.append(gm) or lower(gm, *args))
+    model = compiled(models.tiny_llama(), {"kv": kv("h2o", 0.75), "lowering": "eager"})
+    cache = static_cache(model, 96)
+    cache.early_initialization(1, 2, 16, torch.float32, torch.device("cpu"))  # buffers allocated outside a compile
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (1, 64)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5]]), past_key_values=cache, position_ids=torch.tensor([[64]]),
+              cache_position=torch.tensor([64]), use_cache=True)
+    decode = graphs[1]
+    placeholders = decode.graph.find_nodes(op="placeholder")
+    assert decode._param_name_to_source  # what AOTAutograd checks to take the graph for Dynamo's
+    assert all(hasattr(node, "_dynamo_source") for node in placeholders)
+    assert sum(node._dynamo_source is None for node in placeholders) == 2  # one state input per layer
+    static = [node._dynamo_source.name for node in placeholders if node._dynamo_source is not None
+              and node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+    buffers = [name.rsplit(".", 1)[-1] for name in static if "past_key_values" in name]
+    assert buffers.count("keys") == buffers.count("values") == 2, static
+
+
 def test_a_second_compile_loads_the_graphs_from_aotautograds_cache():
     """The functions of ours the passes put in a graph do not keep AOTAutograd's on-disk cache from
     holding it (a warm compile then skips AOTAutograd's trace and Inductor's joint passes, as a plain
