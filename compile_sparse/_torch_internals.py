@@ -77,6 +77,78 @@ def mark_added_input(node: fx.Node) -> None:
     node._dynamo_source = None
 
 
+def call_compiled_once(gm: fx.GraphModule, fn: Callable, args: Sequence[fx.Node], kwargs: dict[str, Any],
+                       name: str) -> fx.Node:
+    """A node of ``gm`` that calls ``fn(*args, **kwargs)`` (tensor arguments, constant keywords),
+    lowered by Inductor once for every call in the graph of the same ``fn`` over arguments of the
+    same sizes, devices and dtypes: an ``invoke_subgraph`` (what ``torch.compiler.nested_compile_region``
+    makes under Dynamo) of ``fn`` traced to aten ops. A step every layer repeats (the KV decode step:
+    58-91 aten ops) is then traced, lowered and scheduled once instead of once per layer. In-place
+    writes to an argument stay in place (AOTAutograd functionalizes them and Inductor writes back).
+
+    ``fn`` is traced on fake tensors whose sizes are symbolic where the arguments' are. Where the
+    trace assumed only that sizes are equal (its guards), that is added to the graph's guards, on each
+    call's own sizes, as tracing ``fn`` inline would; where it fixed or bounded a size, the node is a
+    plain call of ``fn`` (the graph's own trace then guards it, and a graph run for other sizes
+    cannot meet a subgraph traced for one)."""
+    import functools
+    import hashlib
+
+    values = [a.meta.get("example_value", a.meta.get("val")) for a in args]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return gm.graph.call_function(fn, tuple(args), kwargs)
+    layout = [(tuple(s if isinstance(s, int) else "symbolic" for s in v.shape), v.dtype, str(v.device)) for v in values]
+    fn = functools.partial(fn, **kwargs)
+    identifier = f"{name}_{hashlib.sha1(repr((fn, layout)).encode()).hexdigest()[:12]}"
+    traced = gm.meta.setdefault("compile_sparse_subgraphs", {})  # identifier -> trace, for the graph's other calls
+    if identifier not in traced:
+        traced[identifier] = _trace_with_guards(fn, values)
+    symbols, guards = traced[identifier].meta["size_guards"]
+    if not all(_same_sizes(guard) for guard in guards):  # the trace fixed a size: the graph's own trace decides
+        return gm.graph.call_function(fn.func, tuple(args), kwargs)
+    if not hasattr(gm, identifier):
+        gm.add_submodule(identifier, traced[identifier])
+    if guards:
+        sizes = {symbol: values[i].shape[dim].node for symbol, (i, dim) in symbols.items()}
+        shape_env = next(iter(sizes.values())).shape_env
+        replace = {symbol: node.expr for symbol, node in sizes.items()}
+        for guard in guards:
+            shape_env.evaluate_expr(guard.xreplace(replace))
+    subgraph = gm.graph.get_attr(identifier)
+    return gm.graph.call_function(torch.ops.higher_order.invoke_subgraph, (subgraph, identifier, *args))
+
+
+def _same_sizes(guard: Any) -> bool:
+    """A guard that only says two sizes are equal (the K and V caches' lengths)."""
+    import sympy
+
+    return isinstance(guard, sympy.Eq) and all(isinstance(side, sympy.Symbol) for side in guard.args)
+
+
+def _trace_with_guards(fn: Callable, values: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """``fn`` traced to aten ops (make_fx) on fake tensors of ``values``' sizes, symbolic where theirs
+    are. Its meta ``size_guards``: which argument size each symbol of the trace stands for, and the
+    guards the trace added on them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    fakes, symbols = [], {}
+    for i, value in enumerate(values):
+        dynamic = [DimDynamic.STATIC if isinstance(s, int) else DimDynamic.DYNAMIC for s in value.shape]
+        example = torch.empty_strided([size_hint(s) for s in value.shape], [size_hint(s) for s in value.stride()],
+                                      dtype=value.dtype, device=value.device)
+        fake = mode.from_tensor(example, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+        symbols.update({size.node.expr: (i, dim) for dim, size in enumerate(fake.shape)
+                        if isinstance(size, torch.SymInt)})
+        fakes.append(fake)
+    traced = make_fx(fn, tracing_mode="fake")(*fakes)
+    traced.meta["size_guards"] = (symbols, [guard.expr for guard in shape_env.guards])
+    return traced
+
+
 def run_on_examples(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn`` on example values: inside Dynamo's fake mode when they are fake tensors (so that
     tensors ``fn`` creates are fake too), directly for real or meta tensors."""

@@ -231,6 +231,44 @@ def test_the_rewritten_decode_graph_keeps_the_sources_cuda_graphs_need(monkeypat
     assert buffers.count("keys") == buffers.count("values") == 2, static
 
 
+def test_the_decode_step_is_one_subgraph_that_every_layer_calls(monkeypatch):
+    """The KV decode step (slot write, attention, rescoring) is one invoke_subgraph that every
+    layer's node calls (Inductor lowers it once, not once per layer), for a static cache length and,
+    after a second prompt length, a symbolic one; through Inductor it computes what the eager
+    lowering computes and writes the cache in place."""
+    import compile_sparse.backend as backend
+
+    graphs = []
+    lower = backend.lower
+    monkeypatch.setattr(backend, "lower", lambda gm, *args: graphs.append(gm) or lower(gm, *args))
+    model = models.tiny_llama(layers=3)
+    runs = {}
+    for lowering in ("inductor", "eager"):
+        torch.compiler.reset()
+        graphs.clear()
+        forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("tova", 0.5), "lowering": lowering})
+        runs[lowering] = []
+        for length in (40, 53):
+            ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))
+            with torch.no_grad():
+                cache = forward(input_ids=ids, use_cache=True).past_key_values
+                pointer = cache.layers[0].keys.data_ptr()
+                for i in range(2):
+                    step = forward(input_ids=torch.tensor([[5 + i]]), past_key_values=cache,
+                                   position_ids=torch.tensor([[length + i]]), cache_position=torch.tensor([length + i]))
+            assert cache.layers[0].keys.data_ptr() == pointer  # written in place
+            runs[lowering].append((step.logits, [layer.keys.clone() for layer in cache.layers]))
+        decodes = [gm for gm in graphs if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes)]
+        assert len(decodes) == 2  # the first length's step (static sizes), then one for any length
+        for gm in decodes:
+            calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+            assert len(calls) == 3 and len({n.args[1] for n in calls}) == 1
+    for (logits, keys), (expected_logits, expected_keys) in zip(runs["inductor"], runs["eager"]):
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+        for got, expected in zip(keys, expected_keys):
+            torch.testing.assert_close(got, expected)
+
+
 def test_a_second_compile_loads_the_graphs_from_aotautograds_cache():
     """The functions of ours the passes put in a graph do not keep AOTAutograd's on-disk cache from
     holding it (a warm compile then skips AOTAutograd's trace and Inductor's joint passes, as a plain

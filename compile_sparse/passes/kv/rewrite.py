@@ -14,7 +14,8 @@ that the cache the model hands back holds only what the method keeps.
 - A StaticCache whose buffers cannot shrink (a full-attention layer of the graph left as it is: one
   mask serves every layer) keeps the budget at the start of its full-length buffers.
 - **One new token** over a compressed cache, for methods with a decode rule: ``slot_decode``
-  writes it in place into the slot the rule frees (one compiled graph, no copy of the cache).
+  writes it in place into the slot the rule frees (one compiled graph, no copy of the cache). Every
+  layer calls one subgraph of it (``call_compiled_once``), so Inductor lowers the step once.
   A StaticCache for a method without a decode rule fills the free slots kept after its prompt.
 - **Several new tokens** over a DynamicCache (or decode with eviction off): they are appended,
   with a mask over the real slots; a method with a decode rule keeps the cache at its size.
@@ -37,6 +38,7 @@ from ...analysis.ops import op_name
 from ...reference import mask_allows
 from ...report import PassResult
 from ... import cache
+from ..._torch_internals import call_compiled_once
 from ...state import BufferSlot, StateSlot, add_buffers, add_new_buffers, add_state, add_state_input
 from ..context import PassContext
 from ..registry import method_of, register_pass
@@ -232,8 +234,9 @@ class _Site:
         state_in = self.state_input()
         past_k, past_v = self.k.input, self.v.input
         with inserting_after_all(self.graph, [site.output, self.k.new, self.v.new]):
-            step = self.call(slot_decode, site.query, self.k.new, self.v.new, past_k, past_v, state_in,
-                             spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
+            step = call_compiled_once(self.gm, slot_decode, [site.query, self.k.new, self.v.new, past_k, past_v, state_in],
+                                      dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict),
+                                      "kv_slot_decode")
             out, state = self.items(step, 2)
         self.replace_output(out)
         if dynamic:  # the cache tensors, written in place, are what the graph hands back
