@@ -44,6 +44,7 @@ def main() -> None:
         for method in args.methods:
             torch.compiler.reset()
             steps, compile_s = {}, {}
+
             def subgraph_forward(*a, **k):  # a code object per side: Dynamo keeps compiled graphs per code object
                 return model.forward(*a, **k)
 

@@ -98,14 +98,14 @@ def call_compiled_once(gm: fx.GraphModule, fn: Callable, args: Sequence[fx.Node]
     if not all(isinstance(v, torch.Tensor) for v in values):
         return gm.graph.call_function(fn, tuple(args), kwargs)
     layout = [(tuple(s if isinstance(s, int) else "symbolic" for s in v.shape), v.dtype, str(v.device)) for v in values]
-    fn = functools.partial(fn, **kwargs)
-    identifier = f"{name}_{hashlib.sha1(repr((fn, layout)).encode()).hexdigest()[:12]}"
+    step = functools.partial(fn, **kwargs)
+    identifier = f"{name}_{hashlib.sha1(repr((step, layout)).encode()).hexdigest()[:12]}"
     traced = gm.meta.setdefault("compile_sparse_subgraphs", {})  # identifier -> trace, for the graph's other calls
     if identifier not in traced:
-        traced[identifier] = _trace_with_guards(fn, values)
+        traced[identifier] = _trace_with_guards(step, values)
     symbols, guards = traced[identifier].meta["size_guards"]
     if not all(_same_sizes(guard) for guard in guards):  # the trace fixed a size: the graph's own trace decides
-        return gm.graph.call_function(fn.func, tuple(args), kwargs)
+        return gm.graph.call_function(fn, tuple(args), kwargs)
     if not hasattr(gm, identifier):
         gm.add_submodule(identifier, traced[identifier])
     if guards:
