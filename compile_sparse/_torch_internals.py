@@ -94,12 +94,19 @@ def call_compiled_once(gm: fx.GraphModule, fn: Callable, args: Sequence[fx.Node]
     import functools
     import hashlib
 
+    constants = (str, int, float, bool, type(None))
+    bad = {key: value for key, value in kwargs.items() if not isinstance(value, constants)}
+    if bad:
+        raise TypeError(f"call_compiled_once takes constant keywords (str, int, float, bool, None), got {bad!r}")
     values = [a.meta.get("example_value", a.meta.get("val")) for a in args]
     if not all(isinstance(v, torch.Tensor) for v in values):
         return gm.graph.call_function(fn, tuple(args), kwargs)
     layout = [(tuple(s if isinstance(s, int) else "symbolic" for s in v.shape), v.dtype, str(v.device)) for v in values]
     step = functools.partial(fn, **kwargs)
-    identifier = f"{name}_{hashlib.sha1(repr((step, layout)).encode()).hexdigest()[:12]}"
+    # The name is part of the graph AOTAutograd's and Inductor's on-disk caches key on: made of what
+    # is the same in every process (not the function's address), so that a later process loads the graph.
+    described = repr((fn.__module__, fn.__qualname__, sorted(kwargs.items()), layout))
+    identifier = f"{name}_{hashlib.sha1(described.encode()).hexdigest()[:12]}"
     traced = gm.meta.setdefault("compile_sparse_subgraphs", {})  # identifier -> trace, for the graph's other calls
     if identifier not in traced:
         traced[identifier] = _trace_with_guards(step, values)
