@@ -244,10 +244,13 @@ class Site:
 
 @dataclass
 class Capture:
-    """Every attention of a dense prefill, in layer order, and its last position's logits (1, V)."""
+    """Every attention of a dense prefill, in layer order, and its last position's logits (1, V);
+    ``rope``: the (cos, sin) tables (1, T, D) of the model's rotary embedding at the prompt's
+    positions, None for a model without one."""
 
     sites: list[Site] = field(default_factory=list)
     logits: Tensor | None = None
+    rope: tuple[Tensor, Tensor] | None = None
 
 
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
@@ -283,6 +286,9 @@ def capture(model: torch.nn.Module, ids: Tensor) -> Capture:
     finally:
         _capturing_attention.sites = None
         model.set_attn_implementation(previous)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None:
+        result.rope = rotary(result.sites[0].query, torch.arange(ids.shape[1], device=ids.device)[None])
     return result
 
 
@@ -344,8 +350,11 @@ def replayed_cache(model: torch.nn.Module, captured: Capture, config: Any, lengt
             if key not in memo:
                 memo[key] = torch.ops.compile_sparse.kv_attention_totals(q, k, v, None, site.scale, site.softcap, spec)[1]
             totals = memo[key]
+        rope = [None, None]
+        if config.READS_ROPE and captured.rope is not None:
+            rope = [table[:, None, :length] for table in captured.rope]  # (1, 1, length, D)
         keys, values, state = torch.ops.compile_sparse.kv_prefill(q, k, v, None, totals, spec, layer, len(captured.sites),
-                                                                  site.scale, site.softcap, "auto")
+                                                                  site.scale, site.softcap, "auto", *rope)
         cache.update(keys, values, layer)
         kept.append(state[..., POSITION])
     return cache, kept

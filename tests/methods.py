@@ -14,7 +14,7 @@ EXAMPLES = {
     "kv": {
         "streaming_llm": {}, "snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8},
         "h2o": {"recent_window": 4}, "tova": {}, "knorm": {}, "hitkv": {"top_k": 4, "recent_window": 4},
-        "keydiff": {}, "defensivekv": {"window_size": 8},
+        "keydiff": {}, "defensivekv": {"window_size": 8}, "expected_attention": {},
     },
     "tokens": {
         "lazyllm": {"layers": [1], "keep_ratios": [0.5], "window": 4},
@@ -97,6 +97,46 @@ PREFILL_REFERENCE = {
         torch.arange(keys.shape[2]) < 4, float("inf"), torch.arange(keys.shape[2]).float()).expand(
         keys.shape[0], keys.shape[1], -1).clone(),
 }
+
+
+def _expected_attention(model, input_ids):
+    """kvpress 0.5.5's ExpectedAttentionPress in plain torch over the eager model, per layer (B, Hkv, T):
+    the queries before RoPE from q_proj's output, RoPE's tables at the next 512 positions from the
+    model's rotary embedding, their mean rotation as a (D, D) matrix applied to the queries' mean
+    and covariance (the first 4 tokens left out); the expected logits softmaxed over the other keys,
+    averaged over each KV group, times the values' norms; the 4 sinks +inf."""
+    config = model.config
+    captured = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda module, args, out: captured.append(out))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True)
+    for hook in hooks:
+        hook.remove()
+    (b, t), heads, d = input_ids.shape, config.num_attention_heads, config.head_dim
+    group = heads // config.num_key_value_heads
+    cos, sin = model.model.rotary_emb(captured[0], torch.arange(t, t + 512)[None])  # (1, 512, D)
+    swap = torch.zeros(d, d)
+    swap[d // 2:, :d // 2], swap[:d // 2, d // 2:] = torch.eye(d // 2), -torch.eye(d // 2)
+    rotation = (cos[0, :, None, :] * torch.eye(d) + sin[0, :, None, :] * swap).mean(0)  # (D, D)
+    scores = []
+    for queries, layer in zip(captured, out.past_key_values.layers):
+        q = queries.view(b, t, heads, d).transpose(1, 2)[:, :, 4:]  # (B, H, T - 4, D)
+        mean = q.mean(2)  # (B, H, D)
+        centered = q - mean[:, :, None]
+        covariance = rotation @ (centered.transpose(-1, -2) @ centered / centered.shape[2]) @ rotation.T
+        keys = layer.keys[:, :, 4:].repeat_interleave(group, 1)  # (B, H, T - 4, D)
+        logits = keys @ (mean @ rotation.T)[..., None] / d ** 0.5
+        logits = logits[..., 0] + torch.einsum("bhtd,bhde,bhte->bht", keys, covariance, keys) / d / 2
+        probs = torch.softmax(logits, -1).view(b, heads // group, group, t - 4).mean(2)
+        expected = probs * layer.values[:, :, 4:].norm(dim=-1)  # (B, Hkv, T - 4)
+        scores.append(torch.cat([torch.full((b, heads // group, 4), float("inf")), expected], dim=-1))
+    return scores
+
+
+# method -> (eager model, input ids (B, T)) -> prefill scores per layer (B, Hkv, T), for methods whose
+# reference needs more of the model than its attention probabilities
+MODEL_REFERENCE = {"expected_attention": _expected_attention}
 
 
 # The decode rule, per method with one: the new token takes the slot of the lowest score of the

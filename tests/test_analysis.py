@@ -35,6 +35,7 @@ def test_zoo_sites(name):
         assert (s["form"], s["qkv_fused"], s["seq_axis"]) == (form, fused, 2)
         assert (s["cache"]["kind"] if s["cache"] else None) == cache
         assert all(w is not None for w in s["weights"].values())
+        assert s["rope"] == (name == "tiny-llama")  # q * cos + rotate_half(q) * sin found at the query
     for s in report.mlp_sites:
         assert (s["gated"], s["activation"], s["intermediate_size"]) == (gated, act, inter)
         assert s["hidden_size"] == heads * head_dim

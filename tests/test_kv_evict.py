@@ -16,7 +16,7 @@ from compile_sparse.passes.registry import build
 from compile_sparse.state import STATE
 
 from .helpers import compiled_generate_matches
-from .methods import DECODE, PREFILL_REFERENCE, kv_options as kv, names
+from .methods import DECODE, MODEL_REFERENCE, PREFILL_REFERENCE, kv_options as kv, names
 
 METHODS = names("kv")
 DECODE_METHODS = names("kv", SUPPORTS_DECODE=True)
@@ -121,9 +121,10 @@ def test_kept_tokens_match_full_attention_reference(method, monkeypatch):
     with torch.no_grad():
         dense = reference_model(input_ids=input_ids, use_cache=True, output_attentions=True)
     cache, _ = prefill_cache(model, input_ids, {"kv": kv(method, 0.5), "lowering": "eager"})
+    from_model = MODEL_REFERENCE[method](reference_model, input_ids) if method in MODEL_REFERENCE else None
     for layer, (probs, dense_layer, kept) in enumerate(zip(dense.attentions, dense.past_key_values.layers,
                                                            cache.layers)):
-        scores = PREFILL_REFERENCE[method](probs, dense_layer.keys, heads // kv_heads)
+        scores = from_model[layer] if from_model else PREFILL_REFERENCE[method](probs, dense_layer.keys, heads // kv_heads)
         budget = expected_budget(method, layer, 2, T, 0.5)
         index = scores.topk(budget, dim=-1).indices.sort(dim=-1).values  # (B, Hkv, K)
         gather = index[..., None].expand(-1, -1, -1, dense_layer.keys.shape[-1])

@@ -372,6 +372,45 @@ def attention_site(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[A
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
         q_len=q_len, kv_len=kv_len, seq_axis=len(k_shape) - 2,
         mask=mask if isinstance(mask, fx.Node) else None, mask_how=how if isinstance(mask, fx.Node) else None,
-        output=out_node, query=q, key=k, scale=scale, k_cache=k_cache, v_cache=v_cache,
+        output=out_node, query=q, key=k, scale=scale, k_cache=k_cache, v_cache=v_cache, rope=rope_tables(q),
     )
+
+
+def _rotated_half(node: Any) -> fx.Node | None:
+    """X when ``node`` is ``rotate_half(X)``: ``cat((-X[..., h:], X[..., :h]), dim=-1)`` with 2h the
+    last size of X."""
+    if not isinstance(node, fx.Node) or op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)) \
+            or len(node.args[0]) != 2:
+        return None
+    negated, low = node.args[0]
+    if not (isinstance(negated, fx.Node) and op_name(negated) == "neg" and isinstance(low, fx.Node)
+            and op_name(low) == "getitem" and isinstance(negated.args[0], fx.Node)):
+        return None
+    high, source = negated.args[0], low.args[0]
+    shape = shape_of(source) if isinstance(source, fx.Node) else None
+    if op_name(high) != "getitem" or high.args[0] is not source or not shape or not isinstance(shape[-1], int):
+        return None
+    half = shape[-1] // 2
+    dim = arg_of(node, 1, "dim")
+    if dim not in (-1, len(shape) - 1) or high.args[1] != (Ellipsis, slice(half, None, None)) \
+            or low.args[1] != (Ellipsis, slice(None, half, None)):
+        return None
+    return source
+
+
+def rope_tables(q: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(cos, sin) when the query at the attention is ``q * cos + rotate_half(q) * sin`` (HF's
+    ``apply_rotary_pos_emb``, in either operand order), else None."""
+    if op_name(q) != "add" or len(q.args) != 2 or not all(isinstance(a, fx.Node) and op_name(a) == "mul"
+                                                            for a in q.args):
+        return None
+    for plain, rotated in (q.args, q.args[::-1]):
+        for half, sin in (rotated.args, rotated.args[::-1]):
+            source = _rotated_half(half)
+            if source is None or source not in plain.args or not isinstance(sin, fx.Node):
+                continue
+            cos = plain.args[1] if plain.args[0] is source else plain.args[0]
+            if isinstance(cos, fx.Node):
+                return cos, sin
+    return None
 

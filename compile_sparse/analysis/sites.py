@@ -144,6 +144,9 @@ class AttentionSite:
     softcap: float | None  # logits = softcap * tanh(logits / softcap) before the softmax (Gemma 2), or None
     k_cache: CacheSlot | None = None
     v_cache: CacheSlot | None = None
+    # RoPE's tables at the query, ``q * cos + rotate_half(q) * sin``: (cos, sin), each broadcasting to
+    # the query (B, 1, q_len, head_dim) in HF's layout; None when the query was not seen rotated so
+    rope: tuple[fx.Node, fx.Node] | None = None
 
     @property
     def has_cache(self) -> bool:
@@ -171,7 +174,7 @@ class AttentionSite:
             "layer": self.layer, "name": self.name, "form": self.form, "module": self.module_path, "cross": self.cross,
             "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "causal": self.causal, "q_len": self.q_len, "kv_len": self.kv_len, "seq_axis": self.seq_axis,
-            "qkv_fused": self.qkv_fused,
+            "qkv_fused": self.qkv_fused, "rope": self.rope is not None,
             "weights": {k: (p.weight.name if p is not None else None)
                         for k, p in (("q", self.q), ("k", self.k), ("v", self.v), ("o", self.o))},
             "cache": None if not self.has_cache else {

@@ -154,16 +154,21 @@ def slots_of(config: KVConfig, layer: int, num_layers: int, length: Any) -> Any:
 
 @torch.library.custom_op("compile_sparse::kv_prefill", mutates_args=())
 def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Tensor | None, spec: str, layer: int,
-               num_layers: int, scale: float, softcap: float | None, kernels: str) -> tuple[Tensor, Tensor, Tensor]:
+               num_layers: int, scale: float, softcap: float | None, kernels: str, cos: Tensor | None = None,
+               sin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the budget of one layer's prompt: q (B, Hq, T, D); k, v (B, Hkv, T, D); valid (B, T)
-    (None: no padding); totals (B, Hkv, T) from kv_attention_totals or None. Each row keeps the
-    budget of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, 2 + S),
-    K the budget of the full length."""
+    (None: no padding); totals (B, Hkv, T) from kv_attention_totals or None; cos, sin: RoPE's
+    tables at the query, broadcasting to it (HF: (B, 1, T, D)), or None. Each row keeps the budget
+    of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, 2 + S), K the
+    budget of the full length."""
     config = config_of(spec)
     b, hkv, length, _ = k.shape
     positions = real_positions(valid, b, length, k.device)  # (B, T)
+    rope = None
+    if cos is not None and sin is not None:
+        rope = tuple(t.expand(q.shape)[:, 0].float() for t in (cos, sin))  # (B, T, D) each
     inputs = ScoreInputs(q, k, scale, positions[:, None, :].expand(b, hkv, length), positions, totals=totals,
-                         plain=valid is None, kernels=kernels, softcap=softcap)
+                         plain=valid is None, kernels=kernels, softcap=softcap, values=v, rope=rope)
     scores, method_state = config.score(inputs)
     slots = slots_of(config, layer, num_layers, length)
     real = [length] * b if valid is None else valid.sum(dim=-1).tolist()
@@ -174,7 +179,7 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
 
 
 @kv_prefill.register_fake
-def _(q, k, v, valid, totals, spec, layer, num_layers, scale, softcap, kernels):
+def _(q, k, v, valid, totals, spec, layer, num_layers, scale, softcap, kernels, cos=None, sin=None):
     config = config_of(spec)
     b, hkv, length, d = k.shape
     slots = slots_of(config, layer, num_layers, length)

@@ -160,9 +160,10 @@ class _Site:
                                  self.v.new, valid, site.scale, site.softcap, self.spec)
                 out, totals = self.items(both, 2)
                 self.replace_output(out)
+            rope = site.rope if config.READS_ROPE and site.rope is not None else (None, None)
             prefill = self.call(torch.ops.compile_sparse.kv_prefill.default, site.query, self.k.new, self.v.new, valid,
                                 totals, self.spec, site.layer, self.num_layers, site.scale, site.softcap,
-                                self.ctx.kernels)
+                                self.ctx.kernels, *rope)
             kept = self.items(prefill, 3)
             if self.per_layer_budgets():
                 kept = self.items(self.call(widest, *kept, self.k.new, spec=self.spec, num_layers=self.num_layers), 3)

@@ -38,7 +38,9 @@ class ScoreInputs:
     (B, Hkv, T), ``per_query`` summed over every new query when the attention computed it (the
     fused prefill), else None. plain: the positions are 0..T-1 in order with no padding (the
     Triton key-score kernel may be used). kernels: options["kernels"]. softcap: the attention's
-    logit cap (Gemma 2), or None.
+    logit cap (Gemma 2), or None. values: (B, Hkv, T, D) on a prefill, else None. rope: on a
+    prefill, (cos, sin) (B, n, D) fp32, the tables RoPE rotated each new query with
+    (``q * cos + rotate_half(q) * sin``), None when the analysis found no RoPE at the query.
     """
 
     query: torch.Tensor
@@ -52,6 +54,8 @@ class ScoreInputs:
     plain: bool = False
     kernels: str = "auto"
     softcap: float | None = None
+    values: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def group_size(self) -> int:
@@ -96,6 +100,7 @@ class KVConfig(ABC):
     # What the scores read of the attention: "none" (keys and positions only), "window" (the rows
     # of a few of the last queries) or "all" (every query's row: computed with the attention itself)
     OBSERVES: ClassVar[str] = "none"
+    READS_ROPE: ClassVar[bool] = False  # the scores need RoPE's tables (ScoreInputs.rope) where the graph has them
 
     def __post_init__(self) -> None:
         check_fraction(self, "compression_ratio")
