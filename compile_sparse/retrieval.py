@@ -287,7 +287,7 @@ def capture(model: torch.nn.Module, ids: Tensor) -> Capture:
         _capturing_attention.sites = None
         model.set_attn_implementation(previous)
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is not None:
+    if rotary is not None and result.sites:
         result.rope = rotary(result.sites[0].query, torch.arange(ids.shape[1], device=ids.device)[None])
     return result
 
