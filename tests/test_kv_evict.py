@@ -82,6 +82,17 @@ def test_prefill_leaves_exactly_the_budget_in_every_layer(model_name, method, ra
         assert budgets[0] > budgets[-1] and sum(budgets) == num_layers * T // 2  # a pyramid, same total
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_one_and_two_token_prompts_keep_their_budget(method):
+    """The shortest prompts a generate() call can bring: every method keeps its budget (one token:
+    that token), with nothing skipped ("strict")."""
+    model = models.tiny_llama()
+    for length in (1, 2):
+        torch.compiler.reset()
+        cache, _ = prefill_cache(model, ids(length=length), {"kv": kv(method, 0.5), "lowering": "eager", "strict": True})
+        assert [int(real_slots(layer).min()) for layer in cache.layers] == [1, 1]
+
+
 def test_config_object_works_like_its_dict():
     model = models.tiny_llama()
     cache, _ = prefill_cache(model, ids(), {"kv": compile_sparse.TOVAConfig(compression_ratio=0.5), "lowering": "eager"})

@@ -38,7 +38,9 @@ def mean_future_rotation(cos: torch.Tensor, sin: torch.Tensor, count: int) -> tu
     norm = (cos.square() + sin.square()).sqrt()
     c, s = cos / norm, sin / norm  # (B, T, D)
     last = torch.atan2(s[:, -1], c[:, -1])  # (B, D): the newest token's angle
-    step = torch.atan2(s[:, -1] * c[:, -2] - c[:, -1] * s[:, -2], c[:, -1] * c[:, -2] + s[:, -1] * s[:, -2])  # (B, D)
+    before = -2 if cos.shape[1] > 1 else -1  # a one-token prompt: no step known, its own rotation
+    step = torch.atan2(s[:, -1] * c[:, before] - c[:, -1] * s[:, before],
+                       c[:, -1] * c[:, before] + s[:, -1] * s[:, before])  # (B, D): the angle one position adds
     ahead = torch.arange(1, count + 1, device=cos.device, dtype=cos.dtype)  # (F,)
     angles = last[:, None, :] + ahead[None, :, None] * step[:, None, :]  # (B, F, D)
     return angles.cos().mean(dim=1), angles.sin().mean(dim=1)
