@@ -18,9 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch: no cache entries or recompile counts carried over."""
+    """Each test compiles from scratch: no cache entries or recompile counts carried over, and
+    Dynamo's process-wide setting that options["strict"] turns on goes back to its default."""
+    import torch._dynamo.config as dynamo_config
+
     torch.compiler.reset()
-    yield
+    with dynamo_config.patch(fail_on_recompile_limit_hit=dynamo_config.fail_on_recompile_limit_hit):
+        yield
     torch.compiler.reset()
 
 
