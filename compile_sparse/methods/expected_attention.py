@@ -78,9 +78,8 @@ class ExpectedAttentionConfig(KVConfig):
             mean_cos, mean_sin = mean_future_rotation(cos, sin, self.n_future_positions)  # (B, D)
             # mu . (R k) for the mean rotation R: mu . k' with k' = R^T k
             keys = keys * mean_cos[:, None, None] - rotate_half(keys) * mean_sin[:, None, None]
-        positions = inputs.query_positions  # (B, T), -1 for padding
-        short = positions.amax(dim=-1, keepdim=True) < self.n_sink  # rows of sinks alone: every real query
-        observed = ((positions >= self.n_sink) | short & (positions >= 0)).float()  # (B, T)
+        # the real queries after the sinks (a row of sinks alone keeps every token: its statistics are unused)
+        observed = (inputs.query_positions >= self.n_sink).float()  # (B, T)
         weights = observed / observed.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, T)
         mean = torch.einsum("bhtd,bt->bhd", query, weights)  # (B, H, D)
         grouped = keys.repeat_interleave(inputs.group_size, dim=1)  # (B, H, T, D)
