@@ -15,6 +15,7 @@ from .backend import PassError, SparseWarning, StrictError, sparse_backend
 from .explain import explain
 from .export import export
 from .methods.d2prune import D2PruneConfig
+from .methods.dapq import DapQConfig
 from .methods.evit import EViTConfig
 from .methods.flap import FLAPConfig
 from .methods.defensivekv import DefensiveKVConfig
@@ -44,8 +45,8 @@ __all__ = [
     "AttentionSite", "GraphAnalysis", "LinearOp", "MLPSite", "PassError", "RECIPES", "Report", "SkippedRegion",
     "SparseOptions", "SparseWarning", "StrictError", "analyze", "explain", "export", "parse_options", "sparse_backend", "transform",
     # KV-cache eviction configs (options={"kv": H2OConfig(compression_ratio=0.75)})
-    "DefensiveKVConfig", "ExpectedAttentionConfig", "H2OConfig", "HitKVConfig", "KeyDiffConfig", "KnormConfig",
-    "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
+    "DapQConfig", "DefensiveKVConfig", "ExpectedAttentionConfig", "H2OConfig", "HitKVConfig", "KeyDiffConfig",
+    "KnormConfig", "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
     # token reduction configs (options={"tokens": LazyLLMConfig(layers=[4], keep_ratios=[0.5])})
     "EViTConfig", "LazyLLMConfig", "ToMeConfig",
     # pruning configs (options={"prune": WandaConfig(mlp_ratio=0.2, calibration=batches)}) and plans

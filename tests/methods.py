@@ -15,6 +15,7 @@ EXAMPLES = {
         "streaming_llm": {}, "snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8},
         "h2o": {"recent_window": 4}, "tova": {}, "knorm": {}, "hitkv": {"top_k": 4, "recent_window": 4},
         "keydiff": {}, "defensivekv": {"window_size": 8}, "expected_attention": {},
+        "dapq": {"window_size": 8},
     },
     "tokens": {
         "lazyllm": {"layers": [1], "keep_ratios": [0.5], "window": 4},
@@ -99,13 +100,8 @@ PREFILL_REFERENCE = {
 }
 
 
-def _expected_attention(model, input_ids):
-    """kvpress 0.5.5's ExpectedAttentionPress in plain torch over the eager model, per layer (B, Hkv, T):
-    the queries before RoPE from q_proj's output, RoPE's tables at the next 512 positions from the
-    model's rotary embedding, their mean rotation as a (D, D) matrix applied to the queries' mean
-    and covariance (the first 4 tokens left out); the expected logits softmaxed over the other keys,
-    averaged over each KV group, times the values' norms; the 4 sinks +inf."""
-    config = model.config
+def _q_proj_outputs(model, input_ids):
+    """The eager model's queries before RoPE, per layer (B, T, H * D), and its output (with the cache)."""
     captured = []
     hooks = [layer.self_attn.q_proj.register_forward_hook(lambda module, args, out: captured.append(out))
              for layer in model.model.layers]
@@ -113,6 +109,17 @@ def _expected_attention(model, input_ids):
         out = model(input_ids=input_ids, use_cache=True)
     for hook in hooks:
         hook.remove()
+    return captured, out
+
+
+def _expected_attention(model, input_ids):
+    """kvpress 0.5.5's ExpectedAttentionPress in plain torch over the eager model, per layer (B, Hkv, T):
+    the queries before RoPE from q_proj's output, RoPE's tables at the next 512 positions from the
+    model's rotary embedding, their mean rotation as a (D, D) matrix applied to the queries' mean
+    and covariance (the first 4 tokens left out); the expected logits softmaxed over the other keys,
+    averaged over each KV group, times the values' norms; the 4 sinks +inf."""
+    config = model.config
+    captured, out = _q_proj_outputs(model, input_ids)
     (b, t), heads, d = input_ids.shape, config.num_attention_heads, config.head_dim
     group = heads // config.num_key_value_heads
     cos, sin = model.model.rotary_emb(captured[0], torch.arange(t, t + 512)[None])  # (1, 512, D)
@@ -134,9 +141,28 @@ def _expected_attention(model, input_ids):
     return scores
 
 
+def _dapq(model, input_ids):
+    """DapQ as read in its file, per layer (B, Hkv, T): the last 8 queries before RoPE (q_proj's
+    output) rotated by the model's rotary embedding to the 8 positions after the prompt; their softmax
+    over every key, averaged over them and over each KV group, pooled over 5 positions."""
+    queries, out = _q_proj_outputs(model, input_ids)
+    config = model.config
+    (b, t), heads, d = input_ids.shape, config.num_attention_heads, config.head_dim
+    group = heads // config.num_key_value_heads
+    cos, sin = model.model.rotary_emb(queries[0], torch.arange(t, t + 8)[None])  # (1, 8, D)
+    scores = []
+    for q, layer in zip(queries, out.past_key_values.layers):
+        q = q.view(b, t, heads, d).transpose(1, 2)[:, :, -8:]  # (B, H, 8, D)
+        pseudo = q * cos[:, None] + torch.cat([-q[..., d // 2:], q[..., :d // 2]], -1) * sin[:, None]
+        probs = torch.softmax(pseudo @ layer.keys.repeat_interleave(group, 1).transpose(-1, -2) / d ** 0.5, -1)
+        mean = _per_kv_head(probs.mean(2), group)  # (B, Hkv, T)
+        scores.append(F.avg_pool1d(mean, 5, stride=1, padding=2, count_include_pad=False))
+    return scores
+
+
 # method -> (eager model, input ids (B, T)) -> prefill scores per layer (B, Hkv, T), for methods whose
 # reference needs more of the model than its attention probabilities
-MODEL_REFERENCE = {"expected_attention": _expected_attention}
+MODEL_REFERENCE = {"expected_attention": _expected_attention, "dapq": _dapq}
 
 
 # The decode rule, per method with one: the new token takes the slot of the lowest score of the

@@ -86,7 +86,7 @@ def test_unknown_parameter_lists_the_valid_ones(keep_method):
 
 
 def test_missing_method_and_wrong_family(keep_method):
-    with pytest.raises(ValueError, match="has no 'method'; available kv methods: defensivekv, expected_attention, h2o, hitkv, keep, keydiff, knorm"):
+    with pytest.raises(ValueError, match="has no 'method'; available kv methods: dapq, defensivekv, expected_attention, h2o, hitkv, keep, keydiff, knorm"):
         parse_options({"kv": {"budget": 3}})
     with pytest.raises(ValueError, match=r"options\['prune'\] got a kv config \(KeepConfig\)"):
         parse_options({"prune": KeepConfig()})

@@ -20,27 +20,14 @@ from typing import ClassVar
 import torch
 
 from ..checks import check_bool, check_int
-from ..passes.kv.scoring import KVConfig, ScoreInputs
+from ..passes.kv.scoring import KVConfig, ScoreInputs, rope_angles, rotate
 from ..passes.registry import register
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (..., D): (-x[D/2:], x[:D/2]), the pair partner RoPE mixes each dimension with."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def mean_future_rotation(cos: torch.Tensor, sin: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean over the next ``count`` positions of RoPE's rotation, as (cos, sin) (B, D): cos, sin
-    (B, T, D) are the tables of a row's tokens (the last one its newest real token, the one before it
-    the position before). Unit rotations: RoPE's attention scaling (a factor on both tables) is
-    divided out."""
-    norm = (cos.square() + sin.square()).sqrt()
-    c, s = cos / norm, sin / norm  # (B, T, D)
-    last = torch.atan2(s[:, -1], c[:, -1])  # (B, D): the newest token's angle
-    before = -2 if cos.shape[1] > 1 else -1  # a one-token prompt: no step known, its own rotation
-    step = torch.atan2(s[:, -1] * c[:, before] - c[:, -1] * s[:, before],
-                       c[:, -1] * c[:, before] + s[:, -1] * s[:, before])  # (B, D): the angle one position adds
+    """The mean over the next ``count`` positions of RoPE's rotation, as (cos, sin) (B, D), from the
+    tables (B, T, D) of a row's tokens (``rope_angles``)."""
+    last, step = rope_angles(cos, sin)  # (B, D) each
     ahead = torch.arange(1, count + 1, device=cos.device, dtype=cos.dtype)  # (F,)
     angles = last[:, None, :] + ahead[None, :, None] * step[:, None, :]  # (B, F, D)
     return angles.cos().mean(dim=1), angles.sin().mean(dim=1)
@@ -74,10 +61,10 @@ class ExpectedAttentionConfig(KVConfig):
         keys = inputs.keys.float()  # (B, Hkv, T, D)
         if inputs.rope is not None:
             cos, sin = inputs.rope  # (B, T, D)
-            query = (query * cos[:, None] - rotate_half(query) * sin[:, None]) / (cos.square() + sin.square())[:, None]
+            query = rotate(query, cos[:, None], -sin[:, None]) / (cos.square() + sin.square())[:, None]
             mean_cos, mean_sin = mean_future_rotation(cos, sin, self.n_future_positions)  # (B, D)
             # mu . (R k) for the mean rotation R: mu . k' with k' = R^T k
-            keys = keys * mean_cos[:, None, None] - rotate_half(keys) * mean_sin[:, None, None]
+            keys = rotate(keys, mean_cos[:, None, None], -mean_sin[:, None, None])
         # the real queries after the sinks (a row of sinks alone keeps every token: its statistics are unused)
         observed = (inputs.query_positions >= self.n_sink).float()  # (B, T)
         weights = observed / observed.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, T)

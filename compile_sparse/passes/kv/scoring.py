@@ -220,3 +220,27 @@ def window_scores(inputs: ScoreInputs, window: int) -> torch.Tensor:
     first = n - min(window, n)
     real = (inputs.query_positions[:, first:] >= 0).sum(dim=-1).clamp(min=1)  # (B,)
     return column_sums(inputs, first) / (real[:, None, None] * inputs.group_size)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., D): (-x[D/2:], x[:D/2]), the pair partner RoPE mixes each dimension with."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rope_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's angle at a row's newest token and the angle one position adds, per dimension: (B, D)
+    each, read from the tables (B, T, D) of the row's tokens (``ScoreInputs.rope``: the last one its
+    newest real token, the one before it the position before). RoPE's attention scaling (a factor on
+    both tables) cancels; scaled RoPE variants need nothing of their own. A one-token prompt has no
+    step: 0."""
+    last = torch.atan2(sin[:, -1], cos[:, -1])  # (B, D)
+    before = -2 if cos.shape[1] > 1 else -1
+    step = torch.atan2(sin[:, -1] * cos[:, before] - cos[:, -1] * sin[:, before],
+                       cos[:, -1] * cos[:, before] + sin[:, -1] * sin[:, before])  # (B, D)
+    return last, step
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation of x (..., D) by the angles whose cosines and sines are cos, sin (broadcast to x)."""
+    return x * cos + rotate_half(x) * sin
