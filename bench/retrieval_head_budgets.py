@@ -2,15 +2,17 @@
 protocol's single-needle cases, before a packed per-head cache is built for them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_head_budgets.py --first-case 100 --cases 30 \
-        --ratios 0.9 0.95 --floors 0.2 0.5
+        --ratios 0.9 0.95 --floors 0.2 0.5 [--scorer '{"method": "snapkv"}']
 
-Scorer: TOVA per KV head pooled over 15 positions (``{"method": "tova", "kernel_size": 15,
-"per_head": true}``): the last prompt query's attention, mean over each KV head's group. Uniform:
-each KV head keeps its top ``budget`` tokens. Per-head (AdaKV): each head keeps its top
-``floor * budget`` tokens, then the layer's other ``Hkv * budget * (1 - floor)`` slots go to the
-highest scores of any head. Evaluated masked (kvpress's way: every key stays in the cache, the
-attention of each head hides its evicted ones), so both sides hold the same number of real tokens;
-the answer is decoded greedily after the dense prompt's logits, as the retrieval replay does.
+Scorer: any registered KV method's ``score`` (``--scorer``, its options as JSON; default the
+per-head pooled TOVA, ``{"method": "tova", "kernel_size": 15, "per_head": true}``: the last prompt
+query's attention, mean over each KV head's group), on the dense prefill's queries and keys of
+each layer. Uniform: each KV head keeps its top ``budget`` tokens. Per-head (AdaKV): each head
+keeps its top ``floor * budget`` tokens, then the layer's other ``Hkv * budget * (1 - floor)``
+slots go to the highest scores of any head. Evaluated masked (kvpress's way: every key stays in the
+cache, the attention of each head hides its evicted ones), so both sides hold the same number of
+real tokens; the answer is decoded greedily after the dense prompt's logits, as the retrieval
+replay does.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import time
 import torch
 
 from compile_sparse import models, retrieval
-from compile_sparse.passes.kv.scoring import pool_scores
-from compile_sparse.reference import grouped_probs
+from compile_sparse.options import parse_options
+from compile_sparse.passes.kv.scoring import ScoreInputs
 
 KEEP: dict[int, torch.Tensor] = {}  # layer -> (1, Hkv, T) the prompt tokens each KV head keeps
 MASKED = "compile_sparse_head_budgets"
+TOVA = {"method": "tova", "kernel_size": 15, "per_head": True}
 
 
 def masked_attention(module, query, key, value, attention_mask, **kwargs):
@@ -42,10 +45,15 @@ def masked_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 
-def scores(site: retrieval.Site, length: int) -> torch.Tensor:
-    """Per-head pooled TOVA scores of one layer: (1, Hkv, T)."""
-    probs = grouped_probs(site.query[:, :, length - 1:length], site.key, site.scale)  # (1, Hkv, G, 1, T)
-    return pool_scores(probs.mean(dim=(2, 3)), 15)
+def scores(config, site: retrieval.Site, length: int, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The method's scores of one layer's prompt tokens: (1, Hkv, T). ``rope``: RoPE's (cos, sin)
+    tables (1, T, D) of the prompt, for the methods that read them."""
+    b, hkv = site.key.shape[:2]
+    positions = torch.arange(length, dtype=torch.float32).expand(b, hkv, length)  # (1, Hkv, T)
+    inputs = ScoreInputs(site.query[:, :, :length], site.key[:, :, :length], site.scale, positions,
+                         positions[:, 0], softcap=site.softcap, values=site.value[:, :, :length],
+                         rope=rope if config.READS_ROPE else None)
+    return config.score(inputs)[0]
 
 
 def uniform(s: torch.Tensor, budget: int) -> torch.Tensor:
@@ -67,7 +75,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.95])
     parser.add_argument("--floors", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--scorer", default=json.dumps(TOVA), help="the scoring KV method's options as JSON")
     args = parser.parse_args()
+    config = parse_options({"kv": json.loads(args.scorer)}).methods["kv"]
     from transformers import AttentionInterface
 
     AttentionInterface.register(MASKED, masked_attention)
@@ -82,7 +92,7 @@ def main() -> None:
             captured = retrieval.capture(model, case.prompt)
             cache = retrieval.dense_cache(model, captured, length)
             right["dense"] += retrieval.is_correct(answer(model, case, "query-aware", cache, captured.logits), case.answers)
-            layer_scores = [scores(site, length) for site in captured.sites]
+            layer_scores = [scores(config, site, length, captured.rope) for site in captured.sites]
             model.set_attn_implementation(MASKED)
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
@@ -97,7 +107,7 @@ def main() -> None:
                         answer(model, case, "query-aware", cache, captured.logits), case.answers)
             model.set_attn_implementation("sdpa")
             print(i + 1, round(time.perf_counter() - start), right, flush=True)
-    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "right": right}))
+    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "scorer": str(config), "right": right}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import logging
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -193,6 +194,7 @@ def _jsonable(options: dict) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     settings = _settings(args)
     model, tokenizer = models.load(args.model)
     _require_kind(args.model, model, "encoder" if args.protocol == "minilm" else "causal-lm",
@@ -222,7 +224,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{row['setting'][:60]:<60} {point['x']:>13.1%} {value:>11.4f} {'—' if base is None else f'{base:.4f}':>9}")
     if args.json:
         data = {"model": args.model, "protocol": args.protocol, **rows[0], "settings": rows,
-                "command": "compile-sparse " + shlex.join(args.argv)}
+                "command": "compile-sparse " + shlex.join(args.argv), "seconds": round(time.perf_counter() - start)}
         Path(args.json).write_text(json.dumps(data, indent=1))
         print(f"wrote {args.json}")
     if args.plot:

@@ -125,6 +125,7 @@ def test_eval_minilm_prints_a_table_writes_json_and_plots(tmp_path, capsys):
     assert main(argv + [x for s in settings for x in ("--options", s)]) == 0
     data = json.loads(out.read_text())
     assert data["protocol"] == "minilm" and len(data["settings"]) == 2
+    assert data["command"].startswith("compile-sparse eval minilm") and data["seconds"] >= 0
     assert all(0 < s["mean_cosine"] < 1 and s["sentences"] == 3 for s in data["settings"])
     assert data["settings"][0]["tokens_removed"] == pytest.approx(1 - (4 + 0.85 + 0.7) / 6)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
