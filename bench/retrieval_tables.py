@@ -1,7 +1,7 @@
 """Markdown tables for docs/results.md from retrieval JSON: what ``compile-sparse eval --protocol
 retrieval --json`` writes (ours, dense, truncation) and what bench/kv_retrieval.py writes (kvpress).
-One table per retrieval setting and task (and the task average when there are several): accuracy
-per method at each KV ratio.
+One table per retrieval setting and task (and the task average when there are several, for the
+methods run on every task): accuracy per method at each KV ratio.
 
     .venv/bin/python bench/retrieval_tables.py docs/data/retrieval_*.json docs/data/kvpress_retrieval*.json
 """
@@ -33,14 +33,21 @@ def entries(path: str) -> list[tuple[str, str, float, dict[str, float]]]:
     return out
 
 
-def table(found: list[tuple[str, float, dict[str, float]]], task: str) -> str:
+def table(found: list[tuple[str, float, dict[str, float]]], task: str, tasks: list[str]) -> str:
+    """One task's table (``task`` "average": the mean over ``tasks``, only where a method was run on
+    every one of them at that ratio). The files' per-task results of a method at a ratio are merged."""
     ratios = sorted({r for m, r, _ in found if m != "dense"})
+    merged: dict[str, dict[float, dict[str, float]]] = {}
+    for method, ratio, accuracy in found:
+        for x in (ratios if method == "dense" else [ratio]):
+            merged.setdefault(method, {}).setdefault(x, {}).update(accuracy)
     values: dict[str, dict[float, float]] = {}
-    for method, ratio, tasks in found:
-        score = sum(tasks.values()) / len(tasks) if task == "average" else tasks.get(task)
-        if score is not None:
-            for x in (ratios if method == "dense" else [ratio]):
-                values.setdefault(method, {})[x] = score
+    for method, by_ratio in merged.items():
+        for x, accuracy in by_ratio.items():
+            if task == "average" and all(t in accuracy for t in tasks):
+                values.setdefault(method, {})[x] = sum(accuracy[t] for t in tasks) / len(tasks)
+            elif task in accuracy:
+                values.setdefault(method, {})[x] = accuracy[task]
     order = ["dense", "truncate"] + sorted(m for m in values if m not in ("dense", "truncate"))
     lines = [f"| {task} | " + " | ".join(f"ratio {x}" for x in ratios) + " |", "|---|" + "---:|" * len(ratios)]
     for method in (m for m in order if m in values):
@@ -56,7 +63,7 @@ def main() -> None:
         tasks = sorted({t for _, _, tasks in chosen for t in tasks})
         for task in tasks + (["average"] if len(tasks) > 1 else []):
             print(f"\n{setting}:\n")
-            print(table(chosen, task))
+            print(table(chosen, task, tasks))
 
 
 if __name__ == "__main__":
