@@ -1,19 +1,30 @@
 """Markdown tables for docs/results.md from retrieval JSON: what ``compile-sparse eval --protocol
 retrieval --json`` writes (ours, dense, truncation) and what bench/kv_retrieval.py writes (kvpress).
 One table per retrieval setting and task (and the task average when there are several, for the
-methods run on every task): accuracy per method at each KV ratio.
+methods run on every task): accuracy per method at each KV ratio. With ``--by-task RATIO``, one
+table per setting instead: method x task at that ratio, and the average over the tasks.
 
     .venv/bin/python bench/retrieval_tables.py docs/data/retrieval_*.json docs/data/kvpress_retrieval*.json
+    .venv/bin/python bench/retrieval_tables.py --by-task 0.75 FILES...
+
+Files: the JSON of ``compile-sparse eval --protocol retrieval``, of bench/kv_retrieval.py, or the
+lines bench/kv_retrieval.py prints (``kvpress  tova 0.75  accuracy 0.500 {'single_needle': 0.5}``,
+a run stopped before its JSON) in a .log file.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
-import sys
 
 
 def entries(path: str) -> list[tuple[str, str, float, dict[str, float]]]:
     """(retrieval setting, method, ratio, accuracy per task) of one file, dense and truncation included."""
+    if path.endswith(".log"):  # bench/kv_retrieval.py's lines: query-aware, its default setting
+        print(f"<!-- {path}: bench/kv_retrieval.py's printed lines -->")
+        rows = [line.split(None, 5) for line in open(path) if line.startswith("kvpress")]
+        return [("query-aware", f"kvpress:{r[1]}", float(r[2]), ast.literal_eval(r[5])) for r in rows]
     data = json.load(open(path))
     print(f"<!-- {path}: {data.get('command', 'compile-sparse eval ... --protocol retrieval')} -->")
     if "rows" in data:  # bench/kv_retrieval.py
@@ -56,10 +67,36 @@ def table(found: list[tuple[str, float, dict[str, float]]], task: str, tasks: li
     return "\n".join(lines)
 
 
+def by_task(found: list[tuple[str, float, dict[str, float]]], ratio: float) -> str:
+    """Method x task at one ratio (dense at any), with the average where a method has every task."""
+    merged: dict[str, dict[str, float]] = {}
+    for method, r, accuracy in found:
+        if method == "dense" or r == ratio:
+            merged.setdefault(method, {}).update(accuracy)
+    tasks = sorted({t for accuracy in merged.values() for t in accuracy})
+    average = {m: sum(a[t] for t in tasks) / len(tasks) for m, a in merged.items() if all(t in a for t in tasks)}
+    order = ["dense", "truncate"] + sorted((m for m in merged if m not in ("dense", "truncate")),
+                                           key=lambda m: (-average.get(m, -1), m))
+    lines = [f"| ratio {ratio} | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for method in (m for m in order if m in merged):
+        cells = [f"{merged[method][t]:.2f}" if t in merged[method] else "—" for t in tasks]
+        cells.append(f"{average[method]:.2f}" if method in average else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    found = [e for path in sys.argv[1:] for e in entries(path)]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--by-task", type=float, default=None, metavar="RATIO")
+    args = parser.parse_args()
+    found = [e for path in args.files for e in entries(path)]
     for setting in sorted({e[0] for e in found}):
         chosen = [e[1:] for e in found if e[0] == setting]
+        if args.by_task is not None:
+            print(f"\n{setting}:\n")
+            print(by_task(chosen, args.by_task))
+            continue
         tasks = sorted({t for _, _, tasks in chosen for t in tasks})
         for task in tasks + (["average"] if len(tasks) > 1 else []):
             print(f"\n{setting}:\n")
