@@ -44,21 +44,31 @@ def entries(path: str) -> list[tuple[str, str, float, dict[str, float]]]:
     return out
 
 
-def table(found: list[tuple[str, float, dict[str, float]]], task: str, tasks: list[str]) -> str:
-    """One task's table (``task`` "average": the mean over ``tasks``, only where a method was run on
-    every one of them at that ratio). The files' per-task results of a method at a ratio are merged."""
+def merged(found: list[tuple[str, float, dict[str, float]]]) -> tuple[list[float], dict[str, dict[float, dict[str, float]]]]:
+    """The ratios, and per method and ratio the accuracy per task, the files' results merged
+    (dense, at ratio 0, stands at every ratio)."""
     ratios = sorted({r for m, r, _ in found if m != "dense"})
-    merged: dict[str, dict[float, dict[str, float]]] = {}
+    out: dict[str, dict[float, dict[str, float]]] = {}
     for method, ratio, accuracy in found:
         for x in (ratios if method == "dense" else [ratio]):
-            merged.setdefault(method, {}).setdefault(x, {}).update(accuracy)
+            out.setdefault(method, {}).setdefault(x, {}).update(accuracy)
+    return ratios, out
+
+
+def mean_over(accuracy: dict[str, float], tasks: list[str]) -> float | None:
+    """The average over ``tasks``, None unless the method was run on every one."""
+    return sum(accuracy[t] for t in tasks) / len(tasks) if all(t in accuracy for t in tasks) else None
+
+
+def table(found: list[tuple[str, float, dict[str, float]]], task: str, tasks: list[str]) -> str:
+    """One task's table, or with ``task`` "average" the mean over ``tasks``."""
+    ratios, results = merged(found)
     values: dict[str, dict[float, float]] = {}
-    for method, by_ratio in merged.items():
+    for method, by_ratio in results.items():
         for x, accuracy in by_ratio.items():
-            if task == "average" and all(t in accuracy for t in tasks):
-                values.setdefault(method, {})[x] = sum(accuracy[t] for t in tasks) / len(tasks)
-            elif task in accuracy:
-                values.setdefault(method, {})[x] = accuracy[task]
+            score = mean_over(accuracy, tasks) if task == "average" else accuracy.get(task)
+            if score is not None:
+                values.setdefault(method, {})[x] = score
     order = ["dense", "truncate"] + sorted(m for m in values if m not in ("dense", "truncate"))
     lines = [f"| {task} | " + " | ".join(f"ratio {x}" for x in ratios) + " |", "|---|" + "---:|" * len(ratios)]
     for method in (m for m in order if m in values):
@@ -68,19 +78,17 @@ def table(found: list[tuple[str, float, dict[str, float]]], task: str, tasks: li
 
 
 def by_task(found: list[tuple[str, float, dict[str, float]]], ratio: float) -> str:
-    """Method x task at one ratio (dense at any), with the average where a method has every task."""
-    merged: dict[str, dict[str, float]] = {}
-    for method, r, accuracy in found:
-        if method == "dense" or r == ratio:
-            merged.setdefault(method, {}).update(accuracy)
-    tasks = sorted({t for accuracy in merged.values() for t in accuracy})
-    average = {m: sum(a[t] for t in tasks) / len(tasks) for m, a in merged.items() if all(t in a for t in tasks)}
-    order = ["dense", "truncate"] + sorted((m for m in merged if m not in ("dense", "truncate")),
-                                           key=lambda m: (-average.get(m, -1), m))
+    """Method x task at one ratio, with the average where a method has every task."""
+    _, results = merged(found)
+    at = {m: by_ratio[ratio] for m, by_ratio in results.items() if ratio in by_ratio}
+    tasks = sorted({t for accuracy in at.values() for t in accuracy})
+    average = {m: mean_over(accuracy, tasks) for m, accuracy in at.items()}
+    order = ["dense", "truncate"] + sorted((m for m in at if m not in ("dense", "truncate")),
+                                           key=lambda m: (-(average[m] if average[m] is not None else -1), m))
     lines = [f"| ratio {ratio} | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
-    for method in (m for m in order if m in merged):
-        cells = [f"{merged[method][t]:.2f}" if t in merged[method] else "—" for t in tasks]
-        cells.append(f"{average[method]:.2f}" if method in average else "—")
+    for method in (m for m in order if m in at):
+        cells = [f"{at[method][t]:.2f}" if t in at[method] else "—" for t in tasks]
+        cells.append("—" if average[method] is None else f"{average[method]:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
