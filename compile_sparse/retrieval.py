@@ -109,7 +109,7 @@ class Haystack:
         return self.ends[k] if k >= 0 and self.ends[k] > start else index
 
 
-def _template(tokenizer: Any) -> tuple[str, str]:
+def chat_template_parts(tokenizer: Any) -> tuple[str, str]:
     """The text before and after a user message, the assistant's turn opened (the chat template's)."""
     if getattr(tokenizer, "chat_template", None) is None:
         return "", "\n"
@@ -185,7 +185,7 @@ def make_case(task: str, index: int, hay: Haystack, length: int = LENGTH) -> Cas
     """Case ``index`` of ``task`` at ``length`` prompt tokens: the same for the same arguments."""
     rng = random.Random(f"{task}/{length}/{index}")
     instruction, needles, (question, opening), answers = _task_text(task, rng, hay)
-    before, after = _template(hay.tokenizer)
+    before, after = chat_template_parts(hay.tokenizer)
     head = hay.encode(before + instruction + "\n\n")
     tail = hay.encode("\n\n" + question + after + opening)
     if task == "common_words":

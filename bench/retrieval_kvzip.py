@@ -1,0 +1,110 @@
+"""KVzip's context reconstruction, replayed outside the compiled graph, on the retrieval protocol's
+query-agnostic single-needle cases: what the method would keep, before building it (it is not a
+registered method: docs/kv_eviction.md, "Limits").
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_kvzip.py --first-case 100 --cases 30 --ratios 0.5 0.75 0.9
+
+Per case: a dense prefill of the context (every layer's keys and values recorded), then the model
+re-reads it over that cache, teacher-forced: a repeat prompt ("Repeat the previous context
+exactly." in the chat template, the assistant's turn opened), then the context's text again, at
+the positions after the context. A context key's score is the largest attention any of those
+queries, and any query head of its KV group, pays it (KVzip, Kim et al. 2025; kvpress's
+KVzipPress). Each KV head keeps its ``budget`` top-scored keys (uniform heads; KVzip itself shares
+budgets across heads and layers), optionally pooled over 15 positions as our TOVA is. Beside it,
+on the same cases: truncation (the last ``budget`` tokens) and the per-head pooled TOVA of the
+context's last query. The question is then fed over the kept cache and the answer decoded
+greedily, as ``compile-sparse eval --setting query-agnostic`` does. Prints, per case, the share of
+the re-read's tokens the model predicted (it does reconstruct the context when this is high).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from compile_sparse import models, retrieval
+from compile_sparse.passes.kv.scoring import pool_scores
+from compile_sparse.reference import grouped_probs
+
+REREAD = "compile_sparse_kvzip_reread"
+SCORES: dict[int, torch.Tensor] = {}  # layer -> (1, Hkv, C): each context key's largest attention
+CONTEXT = {"length": 0}
+
+
+def scoring_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA of the re-read's queries (1, H, n, D) over the context and the re-read so far (1, Hkv, C + n, D),
+    causal from the bottom right; records each context key's largest attention over queries and group."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, total = query.shape[2], key.shape[2]
+    visible = (torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None])[None, None]  # (1, 1, n, C + n)
+    probs = grouped_probs(query, key, kwargs.get("scaling") or module.scaling,
+                          visible.expand(1, key.shape[1], n, total))  # (1, Hkv, G, n, C + n)
+    SCORES[module.layer_idx] = probs[..., :CONTEXT["length"]].amax(dim=(2, 3))  # (1, Hkv, C)
+    return sdpa_attention_forward(module, query, key, value, visible, **kwargs)
+
+
+def kept_cache(model, captured: retrieval.Capture, length: int, keep: list[torch.Tensor]):
+    """A DynamicCache of the kept context tokens, ``keep[layer]`` (1, Hkv, K) their indices."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, site in enumerate(captured.sites):
+        index = keep[layer].sort(dim=-1).values[..., None].expand(-1, -1, -1, site.key.shape[-1])  # (1, Hkv, K, D)
+        cache.update(site.key[:, :, :length].gather(2, index), site.value[:, :, :length].gather(2, index), layer)
+    return cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-case", type=int, default=100)
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    args = parser.parse_args()
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REREAD, scoring_attention)
+    model, tokenizer = models.load("smollm2")
+    cases = retrieval.make_cases(tokenizer, ("single_needle",), count=args.cases, first=args.first_case)
+    before, after = retrieval.chat_template_parts(tokenizer)
+    repeat = tokenizer.encode("\n\nRepeat the previous context exactly." + after, add_special_tokens=False)
+    header = len(tokenizer.encode(before, add_special_tokens=False))
+    answer = retrieval.Answerer(tokenizer)
+    right: dict[str, int] = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, case in enumerate(cases):
+            length = case.context.shape[1]
+            captured = retrieval.capture(model, case.context)
+            ids = torch.tensor([repeat + case.context[0, header:].tolist()])  # (1, R + C - header)
+            CONTEXT["length"] = length
+            model.set_attn_implementation(REREAD)
+            logits = model(input_ids=ids, past_key_values=retrieval.dense_cache(model, captured, length),
+                           position_ids=torch.arange(length, length + ids.shape[1])[None], use_cache=True).logits
+            model.set_attn_implementation("sdpa")
+            copied = (logits[0, len(repeat) - 1:-1].argmax(-1) == ids[0, len(repeat):]).float().mean().item()
+            kvzip = [SCORES[layer] for layer in range(len(captured.sites))]
+            tova = [pool_scores(grouped_probs(s.query[:, :, length - 1:length], s.key[:, :, :length], s.scale)
+                                .mean(dim=(2, 3)), 15) for s in captured.sites]  # (1, Hkv, C) each
+            for ratio in args.ratios:
+                budget = int(length * (1 - ratio))
+                rules = {
+                    "truncate": [torch.arange(length - budget, length).expand(1, s.key.shape[1], budget)
+                                 for s in captured.sites],
+                    "kvzip": [s.topk(budget, dim=-1).indices for s in kvzip],
+                    "kvzip pooled 15": [pool_scores(s, 15).topk(budget, dim=-1).indices for s in kvzip],
+                    "tova per-head pooled": [s.topk(budget, dim=-1).indices for s in tova],
+                }
+                for name, keep in rules.items():
+                    text = answer(model, case, "query-agnostic", kept_cache(model, captured, length, keep), None)
+                    key = f"{name} @{ratio}"
+                    right[key] = right.get(key, 0) + retrieval.is_correct(text, case.answers)
+            print(i + 1, round(time.perf_counter() - start), f"copied {copied:.3f}", right, flush=True)
+    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "right": right}))
+
+
+if __name__ == "__main__":
+    main()
