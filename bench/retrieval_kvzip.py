@@ -26,12 +26,14 @@ import time
 import torch
 
 from compile_sparse import models, retrieval
-from compile_sparse.passes.kv.scoring import pool_scores
+from compile_sparse.methods.tova import TOVAConfig
+from compile_sparse.passes.kv.scoring import ScoreInputs, pool_scores
 from compile_sparse.reference import grouped_probs
 
 REREAD = "compile_sparse_kvzip_reread"
 SCORES: dict[int, torch.Tensor] = {}  # layer -> (1, Hkv, C): each context key's largest attention
 CONTEXT = {"length": 0}
+TOVA = TOVAConfig(kernel_size=15, per_head=True)  # the default's scorer
 
 
 def scoring_attention(module, query, key, value, attention_mask, **kwargs):
@@ -87,8 +89,9 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
             copied = (logits[0, len(repeat) - 1:-1].argmax(-1) == ids[0, len(repeat):]).float().mean().item()
             kvzip = [SCORES[layer] for layer in range(len(captured.sites))]
-            tova = [pool_scores(grouped_probs(s.query[:, :, length - 1:length], s.key[:, :, :length], s.scale)
-                                .mean(dim=(2, 3)), 15) for s in captured.sites]  # (1, Hkv, C) each
+            positions = torch.arange(length, dtype=torch.float32).expand(1, captured.sites[0].key.shape[1], length)
+            tova = [TOVA.score(ScoreInputs(s.query[:, :, :length], s.key[:, :, :length], s.scale, positions,
+                                           positions[:, 0]))[0] for s in captured.sites]  # (1, Hkv, C) each
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
                 rules = {
