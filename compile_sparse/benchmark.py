@@ -1,6 +1,6 @@
 """Speed of a setting against dense, as ``compile-sparse bench`` and ``bench/kv_speed.py`` measure
 it: Inductor on every side, the sides timed in turn round after round (``timing.interleaved``),
-medians with their spread.
+medians with their spread; ratios between sides taken round by round (``timing.paired_ratio``).
 
 - prefill: the prompt through the dense and the compressed model (last position's logits only);
 - decode: one step over the dense cache, over the compressed cache, and over the *ideal*: a plain
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ._torch_internals import compile_per_shape
-from .timing import (cache_bytes, decode_step, fresh_inductor_cache, interleaved, prefill, repeat_cache, seconds,
-                     slice_cache)
+from .timing import (cache_bytes, decode_step, fresh_inductor_cache, interleaved, paired_ratio, prefill, repeat_cache,
+                     seconds, slice_cache)
 
 
 def compiled(model: torch.nn.Module, options: dict) -> tuple[Any, Any]:
@@ -65,16 +65,21 @@ def compile_times(model: torch.nn.Module, options: dict, ids: torch.Tensor) -> d
 
 
 def prefill_times(dense, sparse, ids: torch.Tensor, rounds: int) -> dict:
-    """Median ms of a prefill of ``ids``, dense and sparse, timed in turn."""
+    """Median ms of a prefill of ``ids``, dense and sparse, timed in turn; ``speedup`` is dense over
+    sparse round by round (its median, and its spread in ``ratio_spread``)."""
     times = interleaved({"dense": prefill(dense, ids), "sparse": prefill(sparse, ids)}, rounds, desc="prefill rounds")
+    speedup = paired_ratio(times, "dense", "sparse")
     return {"dense_ms": times["dense"]["median_ms"], "sparse_ms": times["sparse"]["median_ms"],
-            "speedup": times["dense"]["median_ms"] / times["sparse"]["median_ms"],
-            "spread": {side: t["spread"] for side, t in times.items()}}
+            "speedup": speedup["ratio"], "ratio_spread": {"speedup": speedup["spread"]},
+            "spread": {side: t["spread"] for side, t in times.items()},
+            "rounds_ms": {side: t["rounds_ms"] for side, t in times.items()}}
 
 
 def decode_times(dense, sparse, dense_cache, sparse_cache, position: int, rounds: int, batch: int = 1) -> dict:
     """Median ms of one decode step at ``position`` over the dense, the ideal and the compressed cache
-    (each repeated ``batch`` times along the batch axis), timed in turn, and the bytes each holds."""
+    (each repeated ``batch`` times along the batch axis), timed in turn, and the bytes each holds.
+    ``vs_ideal`` (sparse over ideal) and ``speedup`` (dense over sparse) are taken round by round:
+    their medians, with their spreads in ``ratio_spread``."""
     kept = max(layer.keys.shape[2] for layer in sparse_cache.layers)
     ideal_cache = slice_cache(dense_cache, dense_cache.layers[0].keys.shape[2] - kept)
     if batch > 1:
@@ -85,6 +90,8 @@ def decode_times(dense, sparse, dense_cache, sparse_cache, position: int, rounds
              "sparse": decode_step(sparse, sparse_cache, batch, position)}
     times = interleaved(steps, rounds, warmup=2, desc="decode rounds")
     out = {f"{side}_ms": t["median_ms"] for side, t in times.items()}
-    return {**out, "batch": batch, "kept": kept, "speedup": out["dense_ms"] / out["sparse_ms"],
-            "vs_ideal": out["sparse_ms"] / out["ideal_ms"], "spread": {side: t["spread"] for side, t in times.items()},
-            **held}
+    ratios = {"speedup": paired_ratio(times, "dense", "sparse"), "vs_ideal": paired_ratio(times, "sparse", "ideal")}
+    return {**out, "batch": batch, "kept": kept, **{name: r["ratio"] for name, r in ratios.items()},
+            "ratio_spread": {name: r["spread"] for name, r in ratios.items()},
+            "spread": {side: t["spread"] for side, t in times.items()},
+            "rounds_ms": {side: t["rounds_ms"] for side, t in times.items()}, **held}

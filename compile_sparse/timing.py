@@ -1,6 +1,7 @@
 """Timing helpers for the benchmarks and ``compile-sparse bench``: sides timed in turn, round
-after round (a machine's drift then hits every side alike), medians with their spread, the cost
-of a first call (compilation), and plain caches to time a decode step over."""
+after round (a machine's drift then hits every side alike), medians with their spread, ratios of
+two sides taken round by round (``paired_ratio``), the cost of a first call (compilation), and plain
+caches to time a decode step over."""
 
 from __future__ import annotations
 
@@ -22,14 +23,26 @@ def _summary(times: list[float]) -> dict:
     ordered = sorted(times)
     q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
     median = statistics.median(ordered)
-    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "spread": (q3 - q1) / median, "runs": len(times)}
+    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "spread": (q3 - q1) / median, "runs": len(times),
+            "rounds_ms": list(times)}
+
+
+def paired_ratio(times: dict[str, dict], numerator: str, denominator: str) -> dict:
+    """The ratio of two sides of ``interleaved``'s result taken in each round, then summarized: its
+    median and spread (interquartile range over the median). Both times of a round met the same
+    machine, so a drift from round to round (another process, the clock) cancels in the ratio,
+    where it widens each side's own median."""
+    ratios = sorted(a / b for a, b in zip(times[numerator]["rounds_ms"], times[denominator]["rounds_ms"], strict=True))
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    median = statistics.median(ratios)
+    return {"ratio": median, "spread": (q3 - q1) / median}
 
 
 def interleaved(sides: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
                 desc: str = "timed rounds") -> dict[str, dict]:
     """Time every side once per round, the order rotating from round to round, after ``warmup``
-    rounds: per side the median ms, quartiles and spread. The timed rounds show a progress bar
-    named ``desc``."""
+    rounds: per side the median ms, quartiles, spread and every round's ms (``rounds_ms``). The
+    timed rounds show a progress bar named ``desc``."""
     names = list(sides)
     for _ in range(warmup):
         for name in names:
