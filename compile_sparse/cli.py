@@ -257,7 +257,7 @@ def _bench(args: argparse.Namespace) -> int:
     if ids.shape[1] < args.context:
         raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than --context {args.context}")
     print(f"{args.model}: {args.batch} x {args.context} tokens, {torch.get_num_threads()} thread(s), Inductor on "
-          f"every side; the sides timed in turn for {args.runs} rounds, medians", flush=True)
+          f"every side; the sides timed in turn for {args.runs} rounds, medians, ratios taken round by round", flush=True)
     result: dict = {"model": args.model, "options": _jsonable(options), "context": args.context, "batch": args.batch,
                     "threads": torch.get_num_threads(), "rounds": args.runs}
     with torch.no_grad():
