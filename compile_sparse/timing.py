@@ -18,11 +18,15 @@ from .progress import progress
 from .state import STATE
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of ``values``."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 4], statistics.median(ordered), ordered[(3 * len(ordered)) // 4]
+
+
 def _summary(times: list[float]) -> dict:
     """Median, quartiles and spread (interquartile range over the median) of times in ms."""
-    ordered = sorted(times)
-    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
-    median = statistics.median(ordered)
+    q1, median, q3 = _quartiles(times)
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "spread": (q3 - q1) / median, "runs": len(times),
             "rounds_ms": list(times)}
 
@@ -32,9 +36,8 @@ def paired_ratio(times: dict[str, dict], numerator: str, denominator: str) -> di
     median and spread (interquartile range over the median). Both times of a round met the same
     machine, so a drift from round to round (another process, the clock) cancels in the ratio,
     where it widens each side's own median."""
-    ratios = sorted(a / b for a, b in zip(times[numerator]["rounds_ms"], times[denominator]["rounds_ms"], strict=True))
-    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-    median = statistics.median(ratios)
+    q1, median, q3 = _quartiles([a / b for a, b in zip(times[numerator]["rounds_ms"], times[denominator]["rounds_ms"],
+                                                       strict=True)])
     return {"ratio": median, "spread": (q3 - q1) / median}
 
 
