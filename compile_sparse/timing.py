@@ -1,6 +1,7 @@
 """Timing helpers for the benchmarks and ``compile-sparse bench``: sides timed in turn, round
 after round (a machine's drift then hits every side alike), medians with their spread, ratios of
-two sides taken round by round (``paired_ratio``), the cost of a first call (compilation), and plain
+two sides taken round by round (``paired_ratio``; ``round_ratios`` and ``ratio_summary`` to pool
+the rounds of several runs), the cost of a first call (compilation), and plain
 caches to time a decode step over."""
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ def _summary(times: list[float]) -> dict:
             "rounds_ms": list(times)}
 
 
+def round_ratios(numerator_ms: list[float], denominator_ms: list[float]) -> list[float]:
+    """The ratio of two sides' times in each round (both lists in round order, of one length)."""
+    return [a / b for a, b in zip(numerator_ms, denominator_ms, strict=True)]
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Median of per-round ratios and their spread (interquartile range over the median)."""
+    q1, median, q3 = _quartiles(ratios)
+    return {"ratio": median, "spread": (q3 - q1) / median}
+
+
 def paired_ratio(times: dict[str, dict], numerator: str, denominator: str) -> dict:
     """The ratio of two sides of ``interleaved``'s result taken in each round, then summarized: its
     median and spread (interquartile range over the median). Both times of a round met the same
     machine, so a drift from round to round (another process, the clock) cancels in the ratio,
     where it widens each side's own median."""
-    q1, median, q3 = _quartiles([a / b for a, b in zip(times[numerator]["rounds_ms"], times[denominator]["rounds_ms"],
-                                                       strict=True)])
-    return {"ratio": median, "spread": (q3 - q1) / median}
+    return ratio_summary(round_ratios(times[numerator]["rounds_ms"], times[denominator]["rounds_ms"]))
 
 
 def interleaved(sides: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
