@@ -39,14 +39,13 @@ def pooled(runs: list[dict]) -> list[dict]:
         ratios = {"vs_ideal": [round_ratios(r["sparse"], r["ideal"]) for r in per_process],
                   "speedup": [round_ratios(r["dense"], r["sparse"]) for r in per_process]}
         summary = {name: ratio_summary([x for process in values for x in process]) for name, values in ratios.items()}
-        medians = [ratio_summary(process)["ratio"] for process in ratios["vs_ideal"]]
+        medians = {name: [ratio_summary(process)["ratio"] for process in values] for name, values in ratios.items()}
         rows.append({"method": method, "batch": batch, "processes": len(per_process),
                      "rounds": sum(len(process) for process in ratios["vs_ideal"]),
                      **{name: s["ratio"] for name, s in summary.items()},
                      "ratio_spread": {name: s["spread"] for name, s in summary.items()},
-                     "process_medians": {"vs_ideal": medians,
-                                         "speedup": [ratio_summary(p)["ratio"] for p in ratios["speedup"]]},
-                     "between_processes": (max(medians) - min(medians)) / summary["vs_ideal"]["ratio"]})
+                     "process_medians": medians,
+                     "between_processes": (max(medians["vs_ideal"]) - min(medians["vs_ideal"])) / summary["vs_ideal"]["ratio"]})
     return rows
 
 
