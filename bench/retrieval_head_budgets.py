@@ -1,15 +1,18 @@
-"""Per-head budgets (AdaKV's allocation) against uniform heads, same bytes, on the retrieval
-protocol's single-needle cases, before a packed per-head cache is built for them.
+"""Per-head and per-layer budgets (AdaKV's and Layer-DefensiveKV's allocations) against uniform
+heads, same bytes, on the retrieval protocol's single-needle cases, before a packed per-head cache
+is built for them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_head_budgets.py --first-case 100 --cases 30 \
-        --ratios 0.9 0.95 --floors 0.2 0.5 [--scorer '{"method": "snapkv"}']
+        --ratios 0.9 0.95 --floors 0.2 0.5 [--shares heads layers] [--scorer '{"method": "snapkv"}']
 
 Scorer: any registered KV method's ``score`` (``--scorer``, its options as JSON; default the
 per-head pooled TOVA, ``{"method": "tova", "kernel_size": 15, "per_head": true}``: the last prompt
 query's attention, mean over each KV head's group), on the dense prefill's queries and keys of
 each layer. Uniform: each KV head keeps its top ``budget`` tokens. Per-head (AdaKV): each head
 keeps its top ``floor * budget`` tokens, then the layer's other ``Hkv * budget * (1 - floor)``
-slots go to the highest scores of any head. Evaluated masked (kvpress's way: every key stays in the
+slots go to the highest scores of any head (``--shares heads``); ``layers``: the slots of every
+layer go to the highest scores of any head of any layer (budgets per layer and per head: one
+reading of Layer-DefensiveKV's layer-wise allocation, and KVzip's). Evaluated masked (kvpress's way: every key stays in the
 cache, the attention of each head hides its evicted ones), so both sides hold the same number of
 real tokens; the answer is decoded greedily after the dense prompt's logits, as the retrieval
 replay does.
@@ -27,22 +30,7 @@ from compile_sparse import models, retrieval
 from compile_sparse.options import parse_options
 from compile_sparse.passes.kv.scoring import ScoreInputs
 
-KEEP: dict[int, torch.Tensor] = {}  # layer -> (1, Hkv, T) the prompt tokens each KV head keeps
-MASKED = "compile_sparse_head_budgets"
 TOVA = {"method": "tova", "kernel_size": 15, "per_head": True}
-
-
-def masked_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA over the cache with each head's evicted prompt tokens hidden (decode steps: one query)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    keep = KEEP[module.layer_idx]  # (1, Hkv, T)
-    b, hkv, t = keep.shape
-    visible = torch.ones(b, hkv, key.shape[2], dtype=torch.bool)  # (B, Hkv, L): the answer's tokens too
-    visible[:, :, :t] = keep
-    group = query.shape[1] // hkv
-    mask = visible.repeat_interleave(group, dim=1)[:, :, None, :].expand(-1, -1, query.shape[2], -1)  # (B, H, q, L)
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 
 def scores(config, site: retrieval.Site, length: int, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -56,31 +44,16 @@ def scores(config, site: retrieval.Site, length: int, rope: tuple[torch.Tensor, 
     return config.score(inputs)[0]
 
 
-def uniform(s: torch.Tensor, budget: int) -> torch.Tensor:
-    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(budget, dim=-1).indices, True)
-
-
-def per_head(s: torch.Tensor, budget: int, floor: float) -> torch.Tensor:
-    b, h, t = s.shape
-    base = int(budget * floor)
-    keep = uniform(s, base) if base else torch.zeros_like(s, dtype=torch.bool)
-    rest = s.masked_fill(keep, float("-inf")).flatten(1)  # (B, Hkv * T): the heads compete
-    keep = keep.flatten(1).scatter(-1, rest.topk(h * (budget - base), dim=-1).indices, True)
-    return keep.view(b, h, t)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-case", type=int, default=100)
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.95])
     parser.add_argument("--floors", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--shares", nargs="+", choices=retrieval.SHARES[1:], default=["heads"])
     parser.add_argument("--scorer", default=json.dumps(TOVA), help="the scoring KV method's options as JSON")
     args = parser.parse_args()
     config = parse_options({"kv": json.loads(args.scorer)}).methods["kv"]
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(MASKED, masked_attention)
     model, tokenizer = models.load("smollm2")
     cases = retrieval.make_cases(tokenizer, ("single_needle",), count=args.cases, first=args.first_case)
     answer = retrieval.Answerer(tokenizer)
@@ -93,19 +66,19 @@ def main() -> None:
             cache = retrieval.dense_cache(model, captured, length)
             right["dense"] += retrieval.is_correct(answer(model, case, "query-aware", cache, captured.logits), case.answers)
             layer_scores = [scores(config, site, length, captured.rope) for site in captured.sites]
-            model.set_attn_implementation(MASKED)
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
-                rules = {"uniform": lambda s: uniform(s, budget)}
-                rules.update({f"per-head floor {f}": (lambda f: lambda s: per_head(s, budget, f))(f) for f in args.floors})
-                for name, rule in rules.items():
-                    KEEP.update({layer: rule(s) for layer, s in enumerate(layer_scores)})
-                    assert all(int(k.sum()) == k.shape[1] * budget for k in KEEP.values())  # same bytes
+                rules = {"uniform": retrieval.allocate(layer_scores, budget)}
+                rules.update({f"{'per-head' if share == 'heads' else 'per-layer'} floor {f}":
+                              retrieval.allocate(layer_scores, budget, share, f)
+                              for share in args.shares for f in args.floors})
+                for name, kept in rules.items():
+                    assert sum(int(k.sum()) for k in kept) == len(kept) * kept[0].shape[1] * budget  # same bytes
                     cache = retrieval.dense_cache(model, captured, length)
+                    with retrieval.masked(model, kept):
+                        text = answer(model, case, "query-aware", cache, captured.logits)
                     key = f"{name} @{ratio}"
-                    right[key] = right.get(key, 0) + retrieval.is_correct(
-                        answer(model, case, "query-aware", cache, captured.logits), case.answers)
-            model.set_attn_implementation("sdpa")
+                    right[key] = right.get(key, 0) + retrieval.is_correct(text, case.answers)
             print(i + 1, round(time.perf_counter() - start), right, flush=True)
     print(json.dumps({"cases": args.cases, "first_case": args.first_case, "scorer": str(config), "right": right}))
 

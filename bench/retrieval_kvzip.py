@@ -3,18 +3,28 @@ query-agnostic single-needle cases: what the method would keep, before building 
 registered method: docs/kv_eviction.md, "Limits").
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_kvzip.py --first-case 100 --cases 30 --ratios 0.5 0.75 0.9
+    OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_kvzip.py --first-case 100 --cases 30 --ratios 0.75 0.9 \
+        --rules truncate kvzip "kvzip, heads" "kvzip, global" "kvzip pooled 15" "kvzip pooled 15, heads" \
+        "kvzip pooled 15, global"
 
 Per case: a dense prefill of the context (every layer's keys and values recorded), then the model
 re-reads it over that cache, teacher-forced: a repeat prompt ("Repeat the previous context
 exactly." in the chat template, the assistant's turn opened), then the context's text again, at
 the positions after the context. A context key's score is the largest attention any of those
 queries, and any query head of its KV group, pays it (KVzip, Kim et al. 2025; kvpress's
-KVzipPress). Each KV head keeps its ``budget`` top-scored keys (uniform heads; KVzip itself shares
-budgets across heads and layers), optionally pooled over 15 positions as our TOVA is. Beside it,
-on the same cases: truncation (the last ``budget`` tokens) and the per-head pooled TOVA of the
-context's last query. The question is then fed over the kept cache and the answer decoded
-greedily, as ``compile-sparse eval --setting query-agnostic`` does. Prints, per case, the share of
-the re-read's tokens the model predicted (it does reconstruct the context when this is high).
+KVzipPress), optionally pooled over 15 positions as our TOVA is. Beside it, on the same cases:
+truncation (the last ``budget`` tokens) and the per-head pooled TOVA of the context's last query.
+
+Allocations of the same number of kept keys, ``budget`` per KV head and layer on average:
+uniform (each KV head keeps its top ``budget``: the rules without a comma), ``heads`` (a layer's
+``Hkv * budget`` slots go to the highest scores of any of its heads: AdaKV's sharing, no floor)
+and ``global`` (all layers' slots to the highest scores anywhere: KVzip's own allocation, kvpress's
+default ``layerwise=False``). Uniform rules decode over a cache of the kept tokens; the others
+over the dense cache with each head's evicted context keys hidden from its attention (kvpress's
+way of evaluating AdaKV), so every rule holds the same number of real keys. The question is then
+fed over the cache and the answer decoded greedily, as ``compile-sparse eval --setting
+query-agnostic`` does. Prints, per case, the share of the re-read's tokens the model predicted (it
+does reconstruct the context when this is high).
 """
 
 from __future__ import annotations
@@ -49,15 +59,20 @@ def scoring_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, visible, **kwargs)
 
 
-def kept_cache(model, captured: retrieval.Capture, length: int, keep: list[torch.Tensor]):
-    """A DynamicCache of the kept context tokens, ``keep[layer]`` (1, Hkv, K) their indices."""
+def kept_cache(model, captured: retrieval.Capture, length: int, kept: list[torch.Tensor]):
+    """A DynamicCache of the kept context tokens: ``kept[layer]`` (1, Hkv, C), the same count in every head."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     for layer, site in enumerate(captured.sites):
-        index = keep[layer].sort(dim=-1).values[..., None].expand(-1, -1, -1, site.key.shape[-1])  # (1, Hkv, K, D)
+        b, hkv, _ = kept[layer].shape
+        index = kept[layer].nonzero()[:, -1].view(b, hkv, -1, 1).expand(-1, -1, -1, site.key.shape[-1])  # (1, Hkv, K, D)
         cache.update(site.key[:, :, :length].gather(2, index), site.value[:, :, :length].gather(2, index), layer)
     return cache
+
+
+RULES = ("truncate", "kvzip", "kvzip pooled 15", "tova per-head pooled", "kvzip, heads", "kvzip, global",
+         "kvzip pooled 15, heads", "kvzip pooled 15, global")
 
 
 def main() -> None:
@@ -65,6 +80,7 @@ def main() -> None:
     parser.add_argument("--first-case", type=int, default=100)
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES[:4]))
     args = parser.parse_args()
     from transformers import AttentionInterface
 
@@ -89,20 +105,27 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
             copied = (logits[0, len(repeat) - 1:-1].argmax(-1) == ids[0, len(repeat):]).float().mean().item()
             kvzip = [SCORES[layer] for layer in range(len(captured.sites))]
+            pooled = [pool_scores(s, 15) for s in kvzip]
             positions = torch.arange(length, dtype=torch.float32).expand(1, captured.sites[0].key.shape[1], length)
             tova = [TOVA.score(ScoreInputs(s.query[:, :, :length], s.key[:, :, :length], s.scale, positions,
                                            positions[:, 0]))[0] for s in captured.sites]  # (1, Hkv, C) each
+            recency = [positions.clone() for _ in captured.sites]
+            scored = {"truncate": (recency, "none"), "kvzip": (kvzip, "none"), "kvzip pooled 15": (pooled, "none"),
+                      "tova per-head pooled": (tova, "none"), "kvzip, heads": (kvzip, "heads"),
+                      "kvzip pooled 15, heads": (pooled, "heads"),
+                      "kvzip pooled 15, global": (pooled, "layers"), "kvzip, global": (kvzip, "layers")}
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
-                rules = {
-                    "truncate": [torch.arange(length - budget, length).expand(1, s.key.shape[1], budget)
-                                 for s in captured.sites],
-                    "kvzip": [s.topk(budget, dim=-1).indices for s in kvzip],
-                    "kvzip pooled 15": [pool_scores(s, 15).topk(budget, dim=-1).indices for s in kvzip],
-                    "tova per-head pooled": [s.topk(budget, dim=-1).indices for s in tova],
-                }
-                for name, keep in rules.items():
-                    text = answer(model, case, "query-agnostic", kept_cache(model, captured, length, keep), None)
+                for name in args.rules:
+                    layer_scores, share = scored[name]
+                    kept = retrieval.allocate(layer_scores, budget, share)
+                    assert sum(int(k.sum()) for k in kept) == len(kept) * kept[0].shape[1] * budget  # same bytes
+                    if share == "none":
+                        text = answer(model, case, "query-agnostic", kept_cache(model, captured, length, kept), None)
+                    else:
+                        with retrieval.masked(model, kept):
+                            text = answer(model, case, "query-agnostic", retrieval.dense_cache(model, captured, length),
+                                          None)
                     key = f"{name} @{ratio}"
                     right[key] = right.get(key, 0) + retrieval.is_correct(text, case.answers)
             print(i + 1, round(time.perf_counter() - start), f"copied {copied:.3f}", right, flush=True)

@@ -34,8 +34,9 @@ import bisect
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +52,8 @@ CHAIN = 5  # names in variable_tracking's chain
 COMMON = 10  # the words common_words asks for
 SLACK = 6  # tokens decoded beyond the answer's own
 CAPTURE = "compile_sparse_capture"  # the attention implementation that records q, k, v
+MASKED = "compile_sparse_masked_eviction"  # the attention implementation that hides evicted keys
+SHARES = ("none", "heads", "layers")  # how ``allocate`` shares kept slots
 
 
 @dataclass
@@ -290,6 +293,75 @@ def capture(model: torch.nn.Module, ids: Tensor) -> Capture:
     if rotary is not None and result.sites:
         result.rope = rotary(result.sites[0].query, torch.arange(ids.shape[1], device=ids.device)[None])
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocations studied masked (before a cache holds them)
+# ---------------------------------------------------------------------------------------------
+
+
+def top_mask(scores: Tensor, count: int) -> Tensor:
+    """The ``count`` highest of ``scores`` along its last axis, as a mask of the same shape."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(count, dim=-1).indices, True)
+
+
+def allocate(scores: list[Tensor], budget: int, share: str = "none", floor: float = 0.0) -> list[Tensor]:
+    """Which prompt keys each layer keeps, ``Hkv * budget`` of them per layer on average.
+
+    scores: per layer (B, Hkv, T). ``share``: ``"none"`` each KV head keeps its top ``budget``;
+    ``"heads"`` each head its top ``floor * budget``, the rest of a layer's slots to the highest
+    scores of any of its heads (AdaKV); ``"layers"`` the same across every layer and head (KVzip's
+    allocation, kvpress's ``layerwise=False``). Returns per layer (B, Hkv, T) bool."""
+    if share not in SHARES:
+        raise ValueError(f"share must be one of {SHARES}, got {share!r}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1], got {floor}")
+    base = budget if share == "none" else int(budget * floor)
+    keep = [top_mask(s, base) for s in scores]
+    groups = [[i] for i in range(len(scores))] if share == "heads" else [list(range(len(scores)))]
+    for layers in groups if budget > base else []:
+        rest = torch.cat([scores[i].masked_fill(keep[i], float("-inf")).flatten(1) for i in layers], dim=1)  # (B, ΣHkv*T)
+        heads = sum(scores[i].shape[1] for i in layers)
+        chosen = top_mask(rest, heads * (budget - base)).split([scores[i][0].numel() for i in layers], dim=1)
+        for i, extra in zip(layers, chosen):
+            keep[i] = keep[i] | extra.view_as(keep[i])
+    return keep
+
+
+def masked_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA over a dense cache with each KV head's evicted prompt keys hidden, causal after them:
+    ``masked_attention.kept[layer]`` (B, Hkv, T) the prompt keys a head keeps. query (B, H, n, D),
+    key and value (B, Hkv, L, D) with L >= T (kvpress's way of evaluating per-head budgets)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kept = masked_attention.kept[module.layer_idx]
+    b, hkv, t = kept.shape
+    n, total = query.shape[2], key.shape[2]
+    causal = torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None]  # (n, L)
+    visible = causal.expand(b, hkv, n, total).clone()  # (B, Hkv, n, L)
+    visible[..., :t] &= kept[:, :, None, :]
+    mask = visible.repeat_interleave(query.shape[1] // hkv, dim=1)  # (B, H, n, L)
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+masked_attention.kept = {}
+
+
+@contextmanager
+def masked(model: torch.nn.Module, kept: list[Tensor]) -> Iterator[None]:
+    """Inside, ``model`` attends with each head's evicted prompt keys hidden: ``kept`` per layer
+    (B, Hkv, T), as ``allocate`` returns (``masked_attention``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(MASKED, masked_attention)
+    previous = model.config._attn_implementation
+    masked_attention.kept = dict(enumerate(kept))
+    model.set_attn_implementation(MASKED)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        masked_attention.kept = {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,6 +175,55 @@ def test_capture_restores_the_attention_and_refuses_sliding_windows():
         retrieval.capture(MistralForCausalLM(config).eval(), torch.randint(0, 64, (1, 16)))
 
 
+def test_allocations_keep_the_same_number_of_keys_where_the_scores_are_highest():
+    torch.manual_seed(0)
+    scores = [torch.rand(1, 3, 40) * (layer + 1) for layer in range(3)]  # layer 2 scores highest
+    uniform = retrieval.allocate(scores, 8)
+    assert [k.sum(-1).tolist() for k in uniform] == [[[8, 8, 8]]] * 3
+    assert all(torch.equal(k, retrieval.top_mask(s, 8)) for k, s in zip(uniform, scores))
+    heads = retrieval.allocate(scores, 8, "heads", floor=0.5)
+    assert [int(k.sum()) for k in heads] == [24] * 3 and min(int(n) for k in heads for n in k.sum(-1).flatten()) >= 4
+    for k, s in zip(heads, scores):  # beyond each head's 4, the layer's highest scores
+        rest = s.masked_fill(retrieval.top_mask(s, 4), float("-inf")).flatten()
+        assert torch.equal(k.flatten(), retrieval.top_mask(s, 4).flatten() | retrieval.top_mask(rest, 12))
+    layers = retrieval.allocate(scores, 8, "layers")
+    everything = torch.cat([s.flatten() for s in scores])
+    assert torch.equal(torch.cat([k.flatten() for k in layers]), retrieval.top_mask(everything, 72))
+    assert int(layers[2].sum()) > 24 > int(layers[0].sum())  # the budget moved to the layer that scores highest
+    with pytest.raises(ValueError, match="'rows'"):
+        retrieval.allocate(scores, 8, "rows")
+    with pytest.raises(ValueError, match="1.5"):
+        retrieval.allocate(scores, 8, "heads", floor=1.5)
+
+
+def test_masked_attention_equals_a_cache_of_the_kept_keys():
+    """Hiding each head's evicted keys (the masked studies) gives the logits of a cache that holds
+    only the kept ones, for a prompt of several tokens fed after them; keeping every key is dense."""
+    from transformers import DynamicCache
+
+    model = models.tiny_llama()
+    context, question = torch.randint(0, 128, (1, 24)), torch.randint(0, 128, (1, 5))
+    captured = retrieval.capture(model, context)
+    positions = torch.arange(24, 29)[None]  # (1, 5)
+
+    def logits(cache):
+        return model(input_ids=question, past_key_values=cache, position_ids=positions, use_cache=True).logits
+
+    with torch.no_grad():
+        kept = retrieval.allocate([torch.rand(1, 2, 24) for _ in captured.sites], 10)
+        gathered = DynamicCache(config=model.config)
+        for layer, (site, keep) in enumerate(zip(captured.sites, kept)):
+            index = keep.nonzero()[:, -1].view(1, 2, 10, 1).expand(-1, -1, -1, 16)  # (1, Hkv, 10, D)
+            gathered.update(site.key.gather(2, index), site.value.gather(2, index), layer)
+        with retrieval.masked(model, kept):
+            masked = logits(retrieval.dense_cache(model, captured, 24))
+        torch.testing.assert_close(masked, logits(gathered))
+        with retrieval.masked(model, [torch.ones(1, 2, 24, dtype=torch.bool)] * 2):
+            every = logits(retrieval.dense_cache(model, captured, 24))
+        torch.testing.assert_close(every, logits(retrieval.dense_cache(model, captured, 24)))
+    assert model.config._attn_implementation == "sdpa" and retrieval.masked_attention.kept == {}
+
+
 def test_cli_retrieval_json_on_smollm2(tmp_path):
     """Dense, truncation and settings on two 384-token single-needle cases, query-agnostic (the
     question fed over the compressed context); at ratio 0 a method answers exactly what dense
