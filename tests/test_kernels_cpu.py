@@ -3,6 +3,10 @@ outputs poisoned before the run; and the KV prefill op's routing to it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sysconfig
+
 import pytest
 import torch
 
@@ -36,6 +40,20 @@ def reference(q, k, v, valid, scale, softcap, top_k):
 
 def test_the_kernel_builds_here():
     assert cpu.available()
+
+
+@pytest.mark.parametrize("isa", [*cpu.ISA_FLAGS, "DEFAULT"])
+def test_the_kernel_source_compiles_for_every_vector_isa(isa):
+    """The machine's ISA picks the at::vec implementation the kernel is built with, and another
+    machine may pick another: the source compiles under each (AVX512's headers do not declare
+    what AVX2's pulled in for it)."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
+    for source in cpu.SOURCES:
+        done = subprocess.run([os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=check",
+                               *cpu.build_flags(isa), *includes, str(source)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("group, length", [(1, 37), (3, 50), (2, 1), (4, 16)])

@@ -34,16 +34,18 @@ SOURCES = [Path(__file__).parent / "cpu" / "attention_totals.cpp"]
 log = logging.getLogger("compile_sparse")
 
 # the at::vec implementation to compile in, by the ISA torch's own CPU kernels use here
-_ISA_FLAGS = {
+ISA_FLAGS = {
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq", "-mfma"],
 }
 
 
-def build_flags() -> list[str]:
-    """Compiler flags: -O3 and the vector ISA torch reports (scalar at::vec elsewhere)."""
-    return ["-O3", *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ["-DCPU_CAPABILITY=DEFAULT"])]
+def build_flags(isa: str | None = None) -> list[str]:
+    """Compiler flags: -O3 and the vector ISA ``isa`` (by default the one torch reports; scalar
+    at::vec for any ISA not in ``ISA_FLAGS``)."""
+    isa = isa or torch.backends.cpu.get_cpu_capability()
+    return ["-O3", *ISA_FLAGS.get(isa, ["-DCPU_CAPABILITY=DEFAULT"])]
 
 
 def _ninja_on_path() -> None:

@@ -9,6 +9,7 @@
 // The output is softmax(causal(q k^T * scale)) v, 0 for a padding query.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
