@@ -4,8 +4,8 @@ registered method: docs/kv_eviction.md, "Limits").
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_kvzip.py --first-case 100 --cases 30 --ratios 0.5 0.75 0.9
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_kvzip.py --first-case 100 --cases 30 --ratios 0.75 0.9 \
-        --rules truncate kvzip "kvzip, heads" "kvzip, global" "kvzip pooled 15" "kvzip pooled 15, heads" \
-        "kvzip pooled 15, global"
+        --rules truncate kvzip "kvzip, heads" "kvzip, global" "kvzip, layer budgets" "kvzip pooled 15" \
+        "kvzip pooled 15, heads" "kvzip pooled 15, global" "kvzip pooled 15, layer budgets"
 
 Per case: a dense prefill of the context (every layer's keys and values recorded), then the model
 re-reads it over that cache, teacher-forced: a repeat prompt ("Repeat the previous context
@@ -17,11 +17,13 @@ truncation (the last ``budget`` tokens) and the per-head pooled TOVA of the cont
 
 Allocations of the same number of kept keys, ``budget`` per KV head and layer on average:
 uniform (each KV head keeps its top ``budget``: the rules without a comma), ``heads`` (a layer's
-``Hkv * budget`` slots go to the highest scores of any of its heads: AdaKV's sharing, no floor)
-and ``global`` (all layers' slots to the highest scores anywhere: KVzip's own allocation, kvpress's
-default ``layerwise=False``). Uniform rules decode over a cache of the kept tokens; the others
-over the dense cache with each head's evicted context keys hidden from its attention (kvpress's
-way of evaluating AdaKV), so every rule holds the same number of real keys. The question is then
+``Hkv * budget`` slots go to the highest scores of any of its heads: AdaKV's sharing, no floor),
+``global`` (all layers' slots to the highest scores anywhere: KVzip's own allocation, kvpress's
+default ``layerwise=False``) and ``layer budgets`` (each layer the slots ``global`` gives it,
+split evenly among its heads: one length per layer, which a DynamicCache holds); see
+``compile_sparse.retrieval.allocate``. Allocations of one length per layer decode over a cache of
+the kept tokens; the others over the dense cache with each head's evicted context keys hidden from
+its attention (kvpress's way of evaluating AdaKV), so every rule holds the same number of real keys. The question is then
 fed over the cache and the answer decoded greedily, as ``compile-sparse eval --setting
 query-agnostic`` does. Prints, per case, the share of the re-read's tokens the model predicted (it
 does reconstruct the context when this is high).
@@ -72,7 +74,7 @@ def kept_cache(model, captured: retrieval.Capture, length: int, kept: list[torch
 
 
 RULES = ("truncate", "kvzip", "kvzip pooled 15", "tova per-head pooled", "kvzip, heads", "kvzip, global",
-         "kvzip pooled 15, heads", "kvzip pooled 15, global")
+         "kvzip, layer budgets", "kvzip pooled 15, heads", "kvzip pooled 15, global", "kvzip pooled 15, layer budgets")
 
 
 def main() -> None:
@@ -111,16 +113,16 @@ def main() -> None:
                                            positions[:, 0]))[0] for s in captured.sites]  # (1, Hkv, C) each
             recency = [positions.clone() for _ in captured.sites]
             scored = {"truncate": (recency, "none"), "kvzip": (kvzip, "none"), "kvzip pooled 15": (pooled, "none"),
-                      "tova per-head pooled": (tova, "none"), "kvzip, heads": (kvzip, "heads"),
-                      "kvzip pooled 15, heads": (pooled, "heads"),
-                      "kvzip pooled 15, global": (pooled, "layers"), "kvzip, global": (kvzip, "layers")}
+                      "tova per-head pooled": (tova, "none")}
+            for name, share in (("heads", "heads"), ("global", "layers"), ("layer budgets", "layer-budgets")):
+                scored.update({f"kvzip, {name}": (kvzip, share), f"kvzip pooled 15, {name}": (pooled, share)})
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
                 for name in args.rules:
                     layer_scores, share = scored[name]
                     kept = retrieval.allocate(layer_scores, budget, share)
                     assert sum(int(k.sum()) for k in kept) == len(kept) * kept[0].shape[1] * budget  # same bytes
-                    if share == "none":
+                    if all(len(set(k.sum(-1).flatten().tolist())) == 1 for k in kept):  # one length per layer
                         text = answer(model, case, "query-agnostic", kept_cache(model, captured, length, kept), None)
                     else:
                         with retrieval.masked(model, kept):

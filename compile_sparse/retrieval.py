@@ -53,7 +53,7 @@ COMMON = 10  # the words common_words asks for
 SLACK = 6  # tokens decoded beyond the answer's own
 CAPTURE = "compile_sparse_capture"  # the attention implementation that records q, k, v
 MASKED = "compile_sparse_masked_eviction"  # the attention implementation that hides evicted keys
-SHARES = ("none", "heads", "layers")  # how ``allocate`` shares kept slots
+SHARES = ("none", "heads", "layers", "layer-budgets")  # how ``allocate`` shares kept slots
 
 
 @dataclass
@@ -311,11 +311,17 @@ def allocate(scores: list[Tensor], budget: int, share: str = "none", floor: floa
     scores: per layer (B, Hkv, T). ``share``: ``"none"`` each KV head keeps its top ``budget``;
     ``"heads"`` each head its top ``floor * budget``, the rest of a layer's slots to the highest
     scores of any of its heads (AdaKV); ``"layers"`` the same across every layer and head (KVzip's
-    allocation, kvpress's ``layerwise=False``). Returns per layer (B, Hkv, T) bool."""
+    allocation, kvpress's ``layerwise=False``); ``"layer-budgets"`` each layer the number of slots
+    ``"layers"`` gives it, split evenly among its heads (``layer_budgets``), each head its top ones:
+    a cache of one length per layer holds it. Returns per layer (B, Hkv, T) bool."""
     if share not in SHARES:
         raise ValueError(f"share must be one of {SHARES}, got {share!r}")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor must be in [0, 1], got {floor}")
+    if share == "layer-budgets":
+        counts = layer_budgets(scores, budget, floor)  # (B, L)
+        return [torch.stack([top_mask(s[row], int(counts[row, i])) for row in range(s.shape[0])])
+                for i, s in enumerate(scores)]
     base = budget if share == "none" else int(budget * floor)
     keep = [top_mask(s, base) for s in scores]
     groups = [[i] for i in range(len(scores))] if share == "heads" else [list(range(len(scores)))]
@@ -326,6 +332,20 @@ def allocate(scores: list[Tensor], budget: int, share: str = "none", floor: floa
         for i, extra in zip(layers, chosen):
             keep[i] = keep[i] | extra.view_as(keep[i])
     return keep
+
+
+def layer_budgets(scores: list[Tensor], budget: int, floor: float = 0.0) -> Tensor:
+    """Keys per head of each layer (B, L): the slots the ``"layers"`` allocation gives a layer over
+    its Hkv heads, rounded by largest remainders so that the layers keep ``L * budget`` per head in
+    all. scores: per layer (B, Hkv, T), the same Hkv in every layer."""
+    heads = {s.shape[1] for s in scores}
+    if len(heads) != 1:
+        raise ValueError(f"layer budgets need the same number of KV heads in every layer, got {sorted(heads)}")
+    won = torch.stack([k.sum(dim=(1, 2)) for k in allocate(scores, budget, "layers", floor)], dim=1) / heads.pop()  # (B, L)
+    counts = won.floor().long()
+    short = len(scores) * budget - counts.sum(dim=1, keepdim=True)  # (B, 1)
+    rank = (won - counts).argsort(dim=1, descending=True).argsort(dim=1)  # (B, L): 0 for the largest remainder
+    return counts + (rank < short).long()
 
 
 def masked_attention(module, query, key, value, attention_mask, **kwargs):

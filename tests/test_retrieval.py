@@ -190,6 +190,12 @@ def test_allocations_keep_the_same_number_of_keys_where_the_scores_are_highest()
     everything = torch.cat([s.flatten() for s in scores])
     assert torch.equal(torch.cat([k.flatten() for k in layers]), retrieval.top_mask(everything, 72))
     assert int(layers[2].sum()) > 24 > int(layers[0].sum())  # the budget moved to the layer that scores highest
+    counts = retrieval.layer_budgets(scores, 8)  # (1, 3): per head, each layer's share of those 72 slots
+    assert int(counts.sum()) == 24 and counts[0].tolist() == sorted(counts[0].tolist())
+    assert (counts[0].double() - torch.tensor([int(k.sum()) / 3 for k in layers])).abs().max() < 1
+    budgets = retrieval.allocate(scores, 8, "layer-budgets")
+    assert [k.sum(-1).tolist() for k in budgets] == [[[n] * 3] for n in counts[0].tolist()]
+    assert all(torch.equal(k, retrieval.top_mask(s, int(n))) for k, s, n in zip(budgets, scores, counts[0]))
     with pytest.raises(ValueError, match="'rows'"):
         retrieval.allocate(scores, 8, "rows")
     with pytest.raises(ValueError, match="1.5"):
