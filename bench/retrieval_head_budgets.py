@@ -3,7 +3,7 @@ heads, same bytes, on the retrieval protocol's single-needle cases, before a pac
 is built for them.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/retrieval_head_budgets.py --first-case 100 --cases 30 \
-        --ratios 0.9 0.95 --floors 0.2 0.5 [--shares heads layers] [--scorer '{"method": "snapkv"}']
+        --ratios 0.9 0.95 --floors 0.2 0.5 [--shares heads layers layer-budgets] [--scorer '{"method": "snapkv"}']
 
 Scorer: any registered KV method's ``score`` (``--scorer``, its options as JSON; default the
 per-head pooled TOVA, ``{"method": "tova", "kernel_size": 15, "per_head": true}``: the last prompt
@@ -12,7 +12,9 @@ each layer. Uniform: each KV head keeps its top ``budget`` tokens. Per-head (Ada
 keeps its top ``floor * budget`` tokens, then the layer's other ``Hkv * budget * (1 - floor)``
 slots go to the highest scores of any head (``--shares heads``); ``layers``: the slots of every
 layer go to the highest scores of any head of any layer (budgets per layer and per head: one
-reading of Layer-DefensiveKV's layer-wise allocation, and KVzip's). Evaluated masked (kvpress's way: every key stays in the
+reading of Layer-DefensiveKV's layer-wise allocation, and KVzip's); ``layer-budgets``: each layer
+the slots ``layers`` gives it, split evenly among its heads (``compile_sparse.retrieval.allocate``).
+Evaluated masked (kvpress's way: every key stays in the
 cache, the attention of each head hides its evicted ones), so both sides hold the same number of
 real tokens; the answer is decoded greedily after the dense prompt's logits, as the retrieval
 replay does.
@@ -69,8 +71,7 @@ def main() -> None:
             for ratio in args.ratios:
                 budget = int(length * (1 - ratio))
                 rules = {"uniform": retrieval.allocate(layer_scores, budget)}
-                rules.update({f"{'per-head' if share == 'heads' else 'per-layer'} floor {f}":
-                              retrieval.allocate(layer_scores, budget, share, f)
+                rules.update({f"{share} floor {f}": retrieval.allocate(layer_scores, budget, share, f)
                               for share in args.shares for f in args.floors})
                 for name, kept in rules.items():
                     assert sum(int(k.sum()) for k in kept) == len(kept) * kept[0].shape[1] * budget  # same bytes
