@@ -23,9 +23,9 @@ default ``layerwise=False``) and ``layer budgets`` (each layer the slots ``globa
 split evenly among its heads: one length per layer, which a DynamicCache holds); see
 ``compile_sparse.retrieval.allocate``. Allocations of one length per layer decode over a cache of
 the kept tokens; the others over the dense cache with each head's evicted context keys hidden from
-its attention (kvpress's way of evaluating AdaKV), so every rule holds the same number of real keys. The question is then
-fed over the cache and the answer decoded greedily, as ``compile-sparse eval --setting
-query-agnostic`` does. Prints, per case, the share of the re-read's tokens the model predicted (it
+its attention (kvpress's way of evaluating AdaKV), so every rule holds the same number of real
+keys. The question is then fed over the cache and the answer decoded greedily, as ``compile-sparse
+eval --setting query-agnostic`` does. Prints, per case, the share of the re-read's tokens the model predicted (it
 does reconstruct the context when this is high).
 """
 

@@ -357,7 +357,8 @@ def masked_attention(module, query, key, value, attention_mask, **kwargs):
     kept = masked_attention.kept[module.layer_idx]
     b, hkv, t = kept.shape
     n, total = query.shape[2], key.shape[2]
-    causal = torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None]  # (n, L)
+    steps = torch.arange(total, device=query.device)
+    causal = steps[None, :] <= steps[total - n:, None]  # (n, L)
     visible = causal.expand(b, hkv, n, total).clone()  # (B, Hkv, n, L)
     visible[..., :t] &= kept[:, :, None, :]
     mask = visible.repeat_interleave(query.shape[1] // hkv, dim=1)  # (B, H, n, L)
