@@ -12,7 +12,8 @@ re-reads it over that cache, teacher-forced: a repeat prompt ("Repeat the previo
 exactly." in the chat template, the assistant's turn opened), then the context's text again, at
 the positions after the context. A context key's score is the largest attention any of those
 queries, and any query head of its KV group, pays it (KVzip, Kim et al. 2025; kvpress's
-KVzipPress), optionally pooled over 15 positions as our TOVA is. Beside it, on the same cases:
+KVzipPress), optionally pooled over 15 positions as our TOVA is, and with ``--sinks N`` the context's
+first N tokens kept in every head (kvpress's ``n_sink``). Beside it, on the same cases:
 truncation (the last ``budget`` tokens) and the per-head pooled TOVA of the context's last query.
 
 Allocations of the same number of kept keys, ``budget`` per KV head and layer on average:
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES[:4]))
+    parser.add_argument("--sinks", type=int, default=0, help="KVzip keeps the context's first N tokens in every head "
+                        "(kvpress's n_sink; 0: none)")
     args = parser.parse_args()
     from transformers import AttentionInterface
 
@@ -108,6 +111,8 @@ def main() -> None:
             copied = (logits[0, len(repeat) - 1:-1].argmax(-1) == ids[0, len(repeat):]).float().mean().item()
             kvzip = [SCORES[layer] for layer in range(len(captured.sites))]
             pooled = [pool_scores(s, 15) for s in kvzip]
+            for s in kvzip + pooled:  # (1, Hkv, C): the sinks score above every key
+                s[..., :args.sinks] = float("inf")
             positions = torch.arange(length, dtype=torch.float32).expand(1, captured.sites[0].key.shape[1], length)
             tova = [TOVA.score(ScoreInputs(s.query[:, :, :length], s.key[:, :, :length], s.scale, positions,
                                            positions[:, 0]))[0] for s in captured.sites]  # (1, Hkv, C) each
@@ -131,7 +136,7 @@ def main() -> None:
                     key = f"{name} @{ratio}"
                     right[key] = right.get(key, 0) + retrieval.is_correct(text, case.answers)
             print(i + 1, round(time.perf_counter() - start), f"copied {copied:.3f}", right, flush=True)
-    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "right": right}))
+    print(json.dumps({"cases": args.cases, "first_case": args.first_case, "sinks": args.sinks, "right": right}))
 
 
 if __name__ == "__main__":
