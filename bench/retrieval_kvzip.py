@@ -62,18 +62,6 @@ def scoring_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, visible, **kwargs)
 
 
-def kept_cache(model, captured: retrieval.Capture, length: int, kept: list[torch.Tensor]):
-    """A DynamicCache of the kept context tokens: ``kept[layer]`` (1, Hkv, C), the same count in every head."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for layer, site in enumerate(captured.sites):
-        b, hkv, _ = kept[layer].shape
-        index = kept[layer].nonzero()[:, -1].view(b, hkv, -1, 1).expand(-1, -1, -1, site.key.shape[-1])  # (1, Hkv, K, D)
-        cache.update(site.key[:, :, :length].gather(2, index), site.value[:, :, :length].gather(2, index), layer)
-    return cache
-
-
 RULES = ("truncate", "kvzip", "kvzip pooled 15", "tova per-head pooled", "kvzip, heads", "kvzip, global",
          "kvzip, layer budgets", "kvzip pooled 15, heads", "kvzip pooled 15, global", "kvzip pooled 15, layer budgets")
 
@@ -128,11 +116,12 @@ def main() -> None:
                     kept = retrieval.allocate(layer_scores, budget, share)
                     assert sum(int(k.sum()) for k in kept) == len(kept) * kept[0].shape[1] * budget  # same bytes
                     if all(len(set(k.sum(-1).flatten().tolist())) == 1 for k in kept):  # one length per layer
-                        text = answer(model, case, "query-agnostic", kept_cache(model, captured, length, kept), None)
+                        cache = retrieval.kept_cache(model, captured, length, kept)
+                        text = answer(model, case, "query-agnostic", cache, None)
                     else:
                         with retrieval.masked(model, kept):
-                            text = answer(model, case, "query-agnostic", retrieval.dense_cache(model, captured, length),
-                                          None)
+                            cache = retrieval.dense_cache(model, captured, length)
+                            text = answer(model, case, "query-agnostic", cache, None)
                     key = f"{name} @{ratio}"
                     right[key] = right.get(key, 0) + retrieval.is_correct(text, case.answers)
             print(i + 1, round(time.perf_counter() - start), f"copied {copied:.3f}", right, flush=True)

@@ -463,6 +463,19 @@ def dense_cache(model: torch.nn.Module, captured: Capture, length: int) -> Any:
     return cache
 
 
+def kept_cache(model: torch.nn.Module, captured: Capture, length: int, kept: list[Tensor]) -> Any:
+    """A cache of the kept prompt keys: ``kept[layer]`` (1, Hkv, T) bool over the first ``length``
+    captured tokens, the same count in every head of a layer (``allocate``'s uniform shares)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, site in enumerate(captured.sites):
+        b, hkv, _ = kept[layer].shape
+        index = kept[layer].nonzero()[:, -1].view(b, hkv, -1, 1).expand(-1, -1, -1, site.key.shape[-1])  # (1, Hkv, K, D)
+        cache.update(site.key[:, :, :length].gather(2, index), site.value[:, :, :length].gather(2, index), layer)
+    return cache
+
+
 def _answer(model: Callable, case: Case, setting: str, cache: Any, logits: Tensor | None, stop: set[int],
             done: Callable[[list[int]], bool]) -> list[int]:
     """Decode the answer over a cache of the prompt (query-aware: ``logits`` its last position's)

@@ -205,8 +205,6 @@ def test_allocations_keep_the_same_number_of_keys_where_the_scores_are_highest()
 def test_masked_attention_equals_a_cache_of_the_kept_keys():
     """Hiding each head's evicted keys (the masked studies) gives the logits of a cache that holds
     only the kept ones, for a prompt of several tokens fed after them; keeping every key is dense."""
-    from transformers import DynamicCache
-
     model = models.tiny_llama()
     context, question = torch.randint(0, 128, (1, 24)), torch.randint(0, 128, (1, 5))
     captured = retrieval.capture(model, context)
@@ -217,10 +215,10 @@ def test_masked_attention_equals_a_cache_of_the_kept_keys():
 
     with torch.no_grad():
         kept = retrieval.allocate([torch.rand(1, 2, 24) for _ in captured.sites], 10)
-        gathered = DynamicCache(config=model.config)
-        for layer, (site, keep) in enumerate(zip(captured.sites, kept)):
-            index = keep.nonzero()[:, -1].view(1, 2, 10, 1).expand(-1, -1, -1, 16)  # (1, Hkv, 10, D)
-            gathered.update(site.key.gather(2, index), site.value.gather(2, index), layer)
+        gathered = retrieval.kept_cache(model, captured, 24, kept)
+        assert [layer.keys.shape[2] for layer in gathered.layers] == [10, 10]
+        first = kept[0][0, 0].nonzero()[:, 0]  # the kept positions of layer 0, head 0
+        assert torch.equal(gathered.layers[0].keys[0, 0], captured.sites[0].key[0, 0, first])
         with retrieval.masked(model, kept):
             masked = logits(retrieval.dense_cache(model, captured, 24))
         torch.testing.assert_close(masked, logits(gathered))
