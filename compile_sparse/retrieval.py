@@ -429,8 +429,11 @@ def replayed_cache(model: torch.nn.Module, captured: Capture, config: Any, lengt
     import dataclasses
     from transformers import DynamicCache
 
-    from .passes.kv.prefill import POSITION, spec_of
+    from .passes.kv.scoring import POSITION, spec_of
 
+    if config.packed:
+        raise ValueError("replayed_cache builds a cache HF's own attention reads: head_budgets='adaptive' (a packed "
+                         "cache) is read by the compiled graph only; use allocate() and masked() for per-head studies")
     spec = spec_of(config)
     memo = {} if memo is None else memo
     cache = DynamicCache(config=model.config)
@@ -531,12 +534,13 @@ class Outcome:
 
 
 def kv_config(options: dict) -> Any:
-    """The KV method's config of a setting that is a KV method alone (it is replayed), else None
-    (it runs compiled)."""
+    """The KV method's config of a setting that is a KV method alone with a cache HF's attention
+    reads (it is replayed), else None (it runs compiled: a packed cache, per-head budgets, is read
+    by the compiled graph only)."""
     from .options import parse_options
 
     methods = parse_options(options).methods
-    return methods["kv"] if set(methods) == {"kv"} else None
+    return methods["kv"] if set(methods) == {"kv"} and not methods["kv"].packed else None
 
 
 def compiled_setting(model: torch.nn.Module, options: dict) -> Callable:

@@ -106,11 +106,18 @@ def buffer_slots(gm: fx.GraphModule) -> list[BufferSlot]:
 
 
 def extend_example_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
-    """``example_inputs`` plus one example per state placeholder the passes added."""
+    """``example_inputs`` plus one example per state placeholder the passes added: its example value
+    when Dynamo's fake mode made it (sized by the cache tensor's own symbols, which have sources:
+    a new symbol of the state's would have none, and a guard on it fails), else zeros of its size."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     inputs = list(example_inputs)
     for slot in state_slots(gm):
         if slot.input is not None:
             value = example_value(slot.input)
+            if isinstance(value, FakeTensor):
+                inputs.append(value)
+                continue
             shape = [size_hint(s) for s in value.shape]  # a symbolic cache length: the traced one
             inputs.append(torch.zeros(shape, dtype=value.dtype, device=value.device))
     return inputs

@@ -98,7 +98,8 @@ def test_config_object_works_like_its_dict():
     cache, _ = prefill_cache(model, ids(), {"kv": compile_sparse.TOVAConfig(compression_ratio=0.5), "lowering": "eager"})
     assert [layer.keys.shape[-2] for layer in cache.layers] == [20, 20]
     assert compile_sparse.parse_options({"kv": {"method": "tova", "compression_ratio": 0.5}}).to_dict()["kv"] == \
-        {"method": "tova", "compression_ratio": 0.5, "decode": True, "kernel_size": 1, "per_head": False}
+        {"method": "tova", "compression_ratio": 0.5, "decode": True, "head_budgets": "uniform", "head_floor": 0.2,
+         "kernel_size": 1, "per_head": False}
 
 
 def test_budgets_match_kvpress_convention():

@@ -246,3 +246,23 @@ def test_cli_retrieval_json_on_smollm2(tmp_path):
     assert identity["kv_removed"] == 0.0 and abs(compressed["kv_removed"] - 0.75) < 0.01  # measured from the cache
     assert 0.0 <= compressed["accuracy_truncate"] <= 1.0
     assert compressed["retrieval_setting"] == "query-agnostic" and len(compressed["answers"]) == 2
+
+
+def test_cli_retrieval_runs_per_head_budgets_through_the_compiled_graph(tmp_path):
+    """A packed cache (per-head budgets) is read by the compiled graph only: its settings are not
+    replayed but prefilled and answered through the compiled forward. At ratio 0 the answers are
+    dense's; with a floor of 1 (every head its own budget) they are the uniform heads' (replayed),
+    at the same measured share (a packed cache read by HF's own attention answers garbage)."""
+    out = tmp_path / "retrieval.json"
+    tova = {"method": "tova", "kernel_size": 15, "per_head": True}
+    packed = {**tova, "head_budgets": "adaptive", "head_floor": 1.0}
+    settings = [{**packed, "compression_ratio": 0.0}, {**tova, "compression_ratio": 0.5}, {**packed, "compression_ratio": 0.5}]
+    assert main(["eval", "smollm2", "--protocol", "retrieval", "--tasks", "single_needle", "--cases", "2", "--length",
+                 "384", *[arg for kv in settings for arg in ("--options", json.dumps({"kv": kv}))],
+                 "--json", str(out), "--quiet"]) == 0
+    identity, uniform, floor_one = json.loads(out.read_text())["settings"]
+    assert identity["answers"] == identity["answers_dense"] and identity["kv_removed"] == 0.0
+    assert floor_one["answers"] == uniform["answers"] and floor_one["kv_removed"] == uniform["kv_removed"] == 0.5
+    # (a floor of 1 packs as uniform heads do; any other floor must not reach the replay)
+    assert retrieval.kv_config({"kv": {**packed, "head_floor": 0.2}}) is None
+    assert retrieval.kv_config({"kv": tova}) is not None

@@ -83,6 +83,28 @@ def test_prompt_lengths_through_inductor_use_one_symbolic_graph():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("method, params", [("h2o", {}), ("hitkv", {}), ("h2o", {"head_budgets": "adaptive"})],
+                         ids=["h2o", "hitkv", "h2o-adaptive"])
+def test_generate_through_inductor_decodes_every_prompt_length_in_one_symbolic_graph(method, params):
+    """generate() through Inductor: the decode graph of a method with state becomes symbolic in the
+    cache length at the second prompt length, as the prefill does (it was compiled again for every
+    length, so that past Dynamo's recompile limit decode eviction stopped)."""
+    model = models.tiny_llama(layers=2)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="sparse", options={"kv": kv(method, 0.75, **params), "strict": True})
+    counters.clear()
+    try:
+        for length in LENGTHS[:6]:
+            ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                                     return_dict_in_generate=True)
+            assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [uniform_budget(length, 0.75)] * 2
+    finally:
+        model.forward = forward
+    assert counters["stats"]["unique_graphs"] == 4  # prefill and decode: static, then symbolic
+
+
 def test_a_token_method_says_when_prompt_lengths_stop_being_compressed():
     """Token dropping needs a static prompt length: when Dynamo makes it symbolic the pass says so;
     with dynamic=False (one graph per length), past Dynamo's recompile limit a new length would run

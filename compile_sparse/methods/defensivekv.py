@@ -8,8 +8,8 @@ attention, pooled over neighbouring tokens (each row's mass kept). The window it
 Prompt only.
 
 Not included: the CriticalKV value-projection weighting of the authors' code (it reads the output
-projection, which a scorer here does not see) and AdaKV's per-head budgets (every head keeps the
-layer's budget here)."""
+projection, which a scorer here does not see). AdaKV's per-head budgets, which the authors pair it
+with, are every method's ``head_budgets="adaptive"`` (passes/kv/packed.py)."""
 
 from __future__ import annotations
 

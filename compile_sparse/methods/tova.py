@@ -39,6 +39,9 @@ class TOVAConfig(KVConfig):
         super().__post_init__()
         check_odd(self, "kernel_size")
         check_bool(self, "per_head")
+        if self.packed and not self.per_head:
+            raise ValueError("head_budgets='adaptive' needs per_head=True: without it every KV head gets the same "
+                             "scores, so there is nothing for the heads to share by")
 
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, None]:
         """Score = attention of the last query, mean over every head (the same per KV head) or over

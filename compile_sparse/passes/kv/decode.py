@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from ...reference import grouped_probs
-from .prefill import FIXED_STATE, POSITION, PRIORITY, config_of, gather_tokens, kept_state, select_slots
-from .scoring import ScoreInputs
-
-FREE = -2.0  # the position of a slot no token has taken yet
+from .packed import row_owners
+from .prefill import gather_tokens, kept_state, select_slots
+from .scoring import FIXED_STATE, FREE, POSITION, PRIORITY, ScoreInputs, config_of
 
 
 def _new_positions(state: Tensor, n: int) -> Tensor:
@@ -90,11 +89,11 @@ def continuation_state(query: Tensor, keys: Tensor, values: Tensor, state: Tenso
     n = query.shape[2]
     new_position = _new_positions(state, n)  # (B, n)
     position = torch.cat([state[..., POSITION], new_position[:, None, :].expand(b, hkv, n)], dim=-1)  # (B, Hkv, P + n)
+    fresh = state.new_zeros((b, hkv, n, state.shape[-1] - 1))  # the new tokens' priority and method state
+    grown = torch.cat([state[..., PRIORITY:], fresh], dim=2)  # (B, Hkv, P + n, C - 1)
     if not evict:
-        fresh = state.new_zeros((b, hkv, n, state.shape[-1] - 1))
-        new_state = torch.cat([position[..., None], torch.cat([state[..., PRIORITY:], fresh], dim=2)], dim=-1)
-        return keys, values, new_state
-    method_state = state[..., FIXED_STATE:] if config.STATE_SIZE else None
+        return keys, values, torch.cat([position[..., None], grown], dim=-1)
+    method_state = grown[..., FIXED_STATE - 1:] if config.STATE_SIZE else None
     scores, new_method_state = config.score(ScoreInputs(query, keys, scale, position, new_position, state=method_state,
                                                         softcap=softcap))
     real_past = (state[:, 0, :, POSITION] >= 0).sum(dim=-1)  # (B,): each row keeps as many real slots as it had
@@ -103,15 +102,18 @@ def continuation_state(query: Tensor, keys: Tensor, values: Tensor, state: Tenso
                                                                                index, kept)
 
 
-def pad_free(keys: Tensor, values: Tensor, state: Tensor, holder: Tensor, dim: int,
-             new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pad_free(keys: Tensor, values: Tensor, state: Tensor, holder: Tensor, dim: int, new: Tensor, *,
+             packed: bool) -> tuple[Tensor, Tensor, Tensor]:
     """A StaticCache for a method without a decode rule keeps the prompt's slots (B, Hkv, K, D),
     then as many free slots as the buffer has room for tokens after the prompt (its length,
     ``holder.shape[dim]``, minus the prompt's tokens, ``new.shape[2]``), for the decode steps to
-    fill. Returns keys, values and state with the free slots (position FREE) appended."""
+    fill. Returns keys, values and state with the free slots (position FREE) appended; in a
+    ``packed`` cache row r's free slots are head r's."""
     extra = holder.shape[dim] - new.shape[2]
     free = state.new_zeros((*state.shape[:2], extra, state.shape[-1]))
     free[..., POSITION] = FREE
+    if packed:
+        row_owners(free)
     pad = (0, 0, 0, extra)
     return (torch.nn.functional.pad(keys, pad), torch.nn.functional.pad(values, pad),
             torch.cat([state, free], dim=2))

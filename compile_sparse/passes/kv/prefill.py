@@ -15,8 +15,6 @@ empty slot (the padding of a short row in a left-padded batch), priority the tok
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
 import torch
@@ -24,23 +22,10 @@ from torch import Tensor
 
 from ...codegen import cpu as cpu_kernels
 from ...state import is_resizable
-from ..registry import build, method_of, params_of
-from .scoring import KVConfig, ScoreInputs
+from .packed import packed_prefill
+from .scoring import POSITION, KVConfig, ScoreInputs, config_of
 
-POSITION, PRIORITY = 0, 1  # the first two state channels; the method's own state follows
-FIXED_STATE = 2
 ATTENTION_CHUNK = 128  # queries per chunk of the attention with totals
-
-
-def spec_of(config: KVConfig) -> str:
-    """The method as the graph carries it: its name and parameters, as JSON."""
-    return json.dumps({"method": method_of(config)[1], "params": params_of(config)}, sort_keys=True)
-
-
-@functools.lru_cache(maxsize=None)
-def config_of(spec: str) -> KVConfig:
-    data = json.loads(spec)
-    return build("kv", data["method"], data["params"])
 
 
 def real_positions(valid: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
@@ -160,7 +145,7 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
     (None: no padding); totals (B, Hkv, T) from kv_attention_totals or None; cos, sin: RoPE's
     tables at the query, broadcasting to it (HF: (B, 1, T, D)), or None. Each row keeps the budget
     of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, 2 + S), K the
-    budget of the full length."""
+    budget of the full length. A packed config (per-head budgets) packs them (passes/kv/packed.py)."""
     config = config_of(spec)
     b, hkv, length, _ = k.shape
     positions = real_positions(valid, b, length, k.device)  # (B, T)
@@ -173,6 +158,8 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
     slots = slots_of(config, layer, num_layers, length)
     real = [length] * b if valid is None else valid.sum(dim=-1).tolist()
     keep = torch.tensor([min(slots, config.budget(layer, num_layers, n)) if n else 0 for n in real], device=k.device)
+    if config.packed:
+        return packed_prefill(k, v, scores, method_state, positions, keep, slots, config.head_floor)
     index, kept = select_slots(scores, inputs.positions, keep, slots)
     state = kept_state(scores, method_state, inputs.positions, index, kept)
     return gather_tokens(k, index), gather_tokens(v, index), state
@@ -184,7 +171,7 @@ def _(q, k, v, valid, totals, spec, layer, num_layers, scale, softcap, kernels, 
     b, hkv, length, d = k.shape
     slots = slots_of(config, layer, num_layers, length)
     return (k.new_empty((b, hkv, slots, d)), v.new_empty((b, hkv, slots, v.shape[-1])),
-            k.new_empty((b, hkv, slots, FIXED_STATE + config.STATE_SIZE), dtype=torch.float32))
+            k.new_empty((b, hkv, slots, config.state_channels), dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------

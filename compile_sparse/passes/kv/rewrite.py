@@ -44,8 +44,9 @@ from ..context import PassContext
 from ..registry import method_of, register_pass
 from ..toolkit import inserting_after_all, output_node, remove_dead_code
 from .decode import continuation_mask, continuation_state, pad_free, slot_decode
-from .prefill import FIXED_STATE, POSITION, keep_in_buffers, spec_of, widest, write_prefix  # (registers the ops)
-from .scoring import KVConfig
+from .packed import packed_continuation, packed_decode, row_owners
+from .prefill import keep_in_buffers, widest, write_prefix  # (registers the ops)
+from .scoring import POSITION, KVConfig, spec_of
 
 
 def key_validity(mask: torch.Tensor, how: str, query: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -85,12 +86,12 @@ def _fresh_check(gm: fx.GraphModule, counter: fx.Node):
 
 def _default_state(config: KVConfig):
     """The state of a DynamicCache this backend did not compress, for calls that only grow it:
-    every slot real, in order."""
+    every slot real, in order (packed: row r's slots owned by head r)."""
     def build(keys: torch.Tensor) -> torch.Tensor:
         b, hkv, length, _ = keys.shape
-        state = keys.new_zeros((b, hkv, length, FIXED_STATE + config.STATE_SIZE), dtype=torch.float32)
+        state = keys.new_zeros((b, hkv, length, config.state_channels), dtype=torch.float32)
         state[..., POSITION] = torch.arange(length, device=keys.device, dtype=torch.float32)
-        return state
+        return row_owners(state) if config.packed else state
     return build
 
 
@@ -183,7 +184,7 @@ class _Site:
         """A StaticCache keeps room after the prompt for a method without a decode rule."""
         if self.evict:
             return kept
-        return self.items(self.call(pad_free, *kept, holder, dim, self.k.new), 3)
+        return self.items(self.call(pad_free, *kept, holder, dim, self.k.new, packed=self.config.packed), 3)
 
     # -- the cases -------------------------------------------------------------------------------
 
@@ -226,18 +227,22 @@ class _Site:
 
     def state_input(self) -> fx.Node:
         past = example_value(self.k.input)  # (B, Hkv, P, D)
-        example = past.new_zeros((*past.shape[:3], FIXED_STATE + self.config.STATE_SIZE), dtype=torch.float32)
+        example = past.new_zeros((*past.shape[:3], self.config.state_channels), dtype=torch.float32)
         return add_state_input(self.gm, self.name, example)
 
     def one_token(self) -> tuple[str, str]:
-        """One new token written in place into a slot."""
+        """One new token written in place into a slot (packed: a slot its head owns)."""
         site, dynamic = self.site, self.k.kind == "concat"
         state_in = self.state_input()
         past_k, past_v = self.k.input, self.v.input
+        args = [site.query, self.k.new, self.v.new, past_k, past_v, state_in]
+        kwargs = dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
         with inserting_after_all(self.graph, [site.output, self.k.new, self.v.new]):
-            step = call_compiled_once(self.gm, slot_decode, [site.query, self.k.new, self.v.new, past_k, past_v, state_in],
-                                      dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict),
-                                      "kv_slot_decode")
+            if self.config.packed:  # traced with the graph: traced alone, the step fixed its row's length
+                # (Hkv x P) unguarded, so that a later prompt length failed
+                step = self.call(packed_decode, *args, **kwargs)
+            else:
+                step = call_compiled_once(self.gm, slot_decode, args, kwargs, "kv_slot_decode")
             out, state = self.items(step, 2)
         self.replace_output(out)
         if dynamic:  # the cache tensors, written in place, are what the graph hands back
@@ -256,13 +261,19 @@ class _Site:
         site = self.site
         state_in = self.state_input()
         n = example_value(site.query).shape[2]
-        with inserting_after_all(self.graph, [site.query, state_in]):
-            mask = self.call(continuation_mask, state_in, n)
-        _apply_mask(self.graph, site, mask)
-        with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update]):
-            grown = self.call(continuation_state, site.query, self.k.update, self.v.update, state_in,
-                              spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
-            keys, values, state = self.items(grown, 3)
+        kwargs = dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
+        if self.config.packed:  # the attention itself reads the packed rows
+            with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update, state_in]):
+                grown = self.call(packed_continuation, site.query, self.k.update, self.v.update, state_in, **kwargs)
+                out, keys, values, state = self.items(grown, 4)
+            self.replace_output(out)
+        else:
+            with inserting_after_all(self.graph, [site.query, state_in]):
+                mask = self.call(continuation_mask, state_in, n)
+            _apply_mask(self.graph, site, mask)
+            with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update]):
+                grown = self.call(continuation_state, site.query, self.k.update, self.v.update, state_in, **kwargs)
+                keys, values, state = self.items(grown, 3)
         self.hand_back(self.k.output, keys)
         self.hand_back(self.v.output, values)
         add_state(self.gm, StateSlot(self.name, state_in, self.k.input, state, keys,
@@ -348,7 +359,8 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
                 budgets = [config.budget(layer, num_layers, length) for layer in range(num_layers)]
                 held = max(budgets) if all(isinstance(b, int) for b in budgets) else "the widest layer's"
             slots = "" if held is kept else f" (in {held} slots: one attention mask serves every layer)"
-            result.sites[name] = f"{what}: cache {length} -> {kept} tokens{slots}"
+            shared = " per KV head on average, shared by score (packed)" if config.packed else ""
+            result.sites[name] = f"{what}: cache {length} -> {kept} tokens{shared}{slots}"
             per_token = site.kv_bytes_per_token() * example_value(site.query).shape[0]
             if all(isinstance(x, int) for x in (length, held, per_token)):
                 bytes_before += per_token * length

@@ -10,17 +10,24 @@ position order, and in a left-padded batch the first positions of a row are padd
 
 from __future__ import annotations
 
+import functools
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from ...checks import check_bool, check_fraction
+from ...checks import check_bool, check_choice, check_fraction, is_number_in
 from ...codegen import ops
+from ..registry import build, method_of, params_of
 from ...reference import grouped_probs
 from .budgets import uniform_budget
 
+HEAD_BUDGETS = ("uniform", "adaptive")  # how a layer's slots are shared among its KV heads
+POSITION, PRIORITY = 0, 1  # the first two channels of a cache slot's state; the method's own state follows
+FIXED_STATE = 2
+FREE = -2.0  # the position of a slot no token has taken yet (a StaticCache's room for tokens to come)
 SCORE_CHUNK = 256  # queries per chunk when scoring against all keys: at most (B, H, 256, T) at once
 
 
@@ -90,10 +97,14 @@ class ScoreInputs:
 class KVConfig(ABC):
     """Common parameters. ``compression_ratio``: the fraction of the prompt's tokens evicted at
     prefill (0.75 keeps 25%). ``decode``: keep the cache at that size while generating (only for
-    methods with a decode rule)."""
+    methods with a decode rule). ``head_budgets``: ``"uniform"``, every KV head keeps the layer's
+    budget; ``"adaptive"``, the layer's heads share its slots by score (AdaKV), each keeping at
+    least ``head_floor`` of the budget, in a packed cache of the same bytes (passes/kv/packed.py)."""
 
     compression_ratio: float = 0.0
     decode: bool = False
+    head_budgets: str = "uniform"
+    head_floor: float = 0.2
 
     SUPPORTS_DECODE: ClassVar[bool] = False  # the method has a rule for evicting while generating
     STATE_SIZE: ClassVar[int] = 0  # floats of state per cached token and KV head (0: stateless)
@@ -105,9 +116,22 @@ class KVConfig(ABC):
     def __post_init__(self) -> None:
         check_fraction(self, "compression_ratio")
         check_bool(self, "decode")
+        check_choice(self, "head_budgets", HEAD_BUDGETS)
+        if not is_number_in(self.head_floor, 0.0, 1.0, high_open=False):
+            raise ValueError(f"head_floor must be a number in [0, 1], got {self.head_floor!r}")
         if self.decode and not self.SUPPORTS_DECODE:
             raise ValueError(f"{type(self).__name__} has no decode rule (it scores the prompt only); "
                              f"decode must be False, got {self.decode!r}")
+
+    @property
+    def packed(self) -> bool:
+        """The cache is packed (per-head budgets): each slot's state ends with its owner head."""
+        return self.head_budgets == "adaptive"
+
+    @property
+    def state_channels(self) -> int:
+        """Floats of state per cache slot: position, priority, the method's state, the owner when packed."""
+        return FIXED_STATE + self.STATE_SIZE + self.packed
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,7 +196,7 @@ def accumulate(inputs: ScoreInputs, per_query: Callable[[torch.Tensor], torch.Te
     new = torch.stack([total, inputs.seen_by() * inputs.group_size], dim=-1)  # (B, Hkv, T, 2)
     if inputs.state is None:
         return new
-    return torch.nn.functional.pad(inputs.state, (0, 0, 0, inputs.keys.shape[2] - inputs.state.shape[2])) + new
+    return inputs.state + new
 
 
 def protect_recent(scores: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -244,3 +268,14 @@ def rope_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE's rotation of x (..., D) by the angles whose cosines and sines are cos, sin (broadcast to x)."""
     return x * cos + rotate_half(x) * sin
+
+
+def spec_of(config: KVConfig) -> str:
+    """The method as the graph carries it: its name and parameters, as JSON."""
+    return json.dumps({"method": method_of(config)[1], "params": params_of(config)}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def config_of(spec: str) -> KVConfig:
+    data = json.loads(spec)
+    return build("kv", data["method"], data["params"])
