@@ -7,6 +7,9 @@ repeats the batch-1 caches (and the state the backend keeps for them) along the 
 prompt through every method against the dense prefill, timed in turn.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/kv_speed.py --json docs/data/kv_speed.json
+
+``--params`` adds parameters to every method (``'{"head_budgets": "adaptive"}'``: per-head budgets,
+a packed cache).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=15, help="decode rounds (every side once a round, in turn)")
     parser.add_argument("--prefill-rounds", type=int, default=3)
+    parser.add_argument("--params", default="{}", help="parameters every method takes as well, as JSON "
+                        "(per-head budgets: '{\"head_budgets\": \"adaptive\"}')")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -48,7 +53,7 @@ def main() -> None:
     with torch.no_grad():
         dense_cache = None  # the dense prefill's cache serves every method
         for method in args.methods:
-            options = {"kv": {"method": method, "compression_ratio": args.ratio}}
+            options = {"kv": {"method": method, "compression_ratio": args.ratio, **json.loads(args.params)}}
             torch.compiler.reset()
             dense, sparse = benchmark.compiled(model, options)
             if dense_cache is None:
@@ -63,7 +68,7 @@ def main() -> None:
                       f"sparse {row['sparse_ms']:.1f} ms -> {row['vs_ideal']:.3f}x the ideal round by round (spread "
                       f"{row['ratio_spread']['vs_ideal']:.1%}), {row['speedup']:.2f}x faster than dense", flush=True)
         for method in args.prefill_methods:
-            options = {"kv": {"method": method, "compression_ratio": args.ratio}}
+            options = {"kv": {"method": method, "compression_ratio": args.ratio, **json.loads(args.params)}}
             torch.compiler.reset()
             dense, sparse = benchmark.compiled(model, options)
             row = {"method": method, "tokens": args.context, **benchmark.prefill_times(dense, sparse, ids, args.prefill_rounds)}

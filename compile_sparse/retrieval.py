@@ -606,7 +606,6 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
     answer = Answerer(tokenizer)
     configs = [kv_config(options) for options in settings]
     compiled = compiled or (lambda options: compiled_setting(model, options))
-    forwards = [compiled(options) if config is None else None for options, config in zip(settings, configs)]
     dense = Outcome("dense")
     outcomes = [Outcome(label) for label in labels or [str(s) for s in settings]]
     with torch.no_grad():
@@ -615,16 +614,24 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
             captured = capture(model, case.prompt)
             dense.add(case, answer(model, case, "query-aware", dense_cache(model, captured, length), captured.logits))
             memo: dict = {}
-            for options, config, forward, outcome in zip(settings, configs, forwards, outcomes):
+            for config, outcome in zip(configs, outcomes):
                 if config is not None:
                     cache, _ = replayed_cache(model, captured, config, observed, memo)
-                    step, logits = model, captured.logits if setting == "query-aware" else None
-                else:
-                    out = forward(input_ids=case.prompt[:, :observed], use_cache=True, logits_to_keep=1)
-                    step = model if prefill_only(options) else forward
-                    cache, logits = out.past_key_values, out.logits[:, -1]
-                kept = _share(cache, observed)
-                outcome.add(case, answer(step, case, setting, cache, logits), kept)
+                    kept = _share(cache, observed)  # before the answer grows the cache
+                    outcome.add(case, answer(model, case, setting, cache, captured.logits if setting == "query-aware"
+                                             else None), kept)
+        # the compiled settings one after another: each compiles afresh, with Dynamo's recompile limit to itself
+        for options, config, outcome in zip(settings, configs, outcomes):
+            if config is not None:
+                continue
+            forward = compiled(options)
+            step = model if prefill_only(options) else forward
+            for case in progress(cases, desc=f"retrieval ({setting}): {outcome.name}", unit="case"):
+                observed = observed_length(case, setting)
+                out = forward(input_ids=case.prompt[:, :observed], use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                kept = _share(cache, observed)  # before the answer grows the cache
+                outcome.add(case, answer(step, case, setting, cache, out.logits[:, -1]), kept)
         ratios = {truncate_ratio(options) or round(outcome.kv_removed, 3) for options, outcome in zip(settings, outcomes)}
         truncate = {ratio: truncation(model, answer, cases, setting, ratio) for ratio in sorted(ratios) if ratio > 0}
     return dense, truncate, outcomes
