@@ -156,6 +156,13 @@ def _trace_with_guards(fn: Callable, values: Sequence[torch.Tensor]) -> fx.Graph
     return traced
 
 
+def is_fake(value: Any) -> bool:
+    """``value`` is a fake tensor (an example value Dynamo's fake mode made)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
 def run_on_examples(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn`` on example values: inside Dynamo's fake mode when they are fake tensors (so that
     tensors ``fn`` creates are fake too), directly for real or meta tensors."""

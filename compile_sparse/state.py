@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ._torch_internals import mark_added_input, size_hint
+from ._torch_internals import is_fake, mark_added_input, size_hint
 from .analysis import example_value
 from .passes.toolkit import output_node
 
@@ -109,13 +109,11 @@ def extend_example_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> 
     """``example_inputs`` plus one example per state placeholder the passes added: its example value
     when Dynamo's fake mode made it (sized by the cache tensor's own symbols, which have sources:
     a new symbol of the state's would have none, and a guard on it fails), else zeros of its size."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     inputs = list(example_inputs)
     for slot in state_slots(gm):
         if slot.input is not None:
             value = example_value(slot.input)
-            if isinstance(value, FakeTensor):
+            if is_fake(value):
                 inputs.append(value)
                 continue
             shape = [size_hint(s) for s in value.shape]  # a symbolic cache length: the traced one

@@ -20,8 +20,8 @@ import torch
 
 from ...checks import check_bool, check_choice, check_fraction, is_number_in
 from ...codegen import ops
-from ..registry import build, method_of, params_of
 from ...reference import grouped_probs
+from ..registry import build, method_of, params_of
 from .budgets import uniform_budget
 
 HEAD_BUDGETS = ("uniform", "adaptive")  # how a layer's slots are shared among its KV heads
