@@ -144,8 +144,9 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
     """Keep the budget of one layer's prompt: q (B, Hq, T, D); k, v (B, Hkv, T, D); valid (B, T)
     (None: no padding); totals (B, Hkv, T) from kv_attention_totals or None; cos, sin: RoPE's
     tables at the query, broadcasting to it (HF: (B, 1, T, D)), or None. Each row keeps the budget
-    of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, 2 + S), K the
-    budget of the full length. A packed config (per-head budgets) packs them (passes/kv/packed.py)."""
+    of its own real length. Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, C), K the
+    budget of the full length, C = ``config.state_channels``. A packed config (per-head budgets) packs
+    them (passes/kv/packed.py)."""
     config = config_of(spec)
     b, hkv, length, _ = k.shape
     positions = real_positions(valid, b, length, k.device)  # (B, T)
