@@ -183,12 +183,15 @@ def test_a_second_prompt_into_a_static_cache_not_reset_is_a_clear_error():
         generate(model, ids, past_key_values=cache)
 
 
-def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_says_so():
+@pytest.mark.parametrize("method, params", [("h2o", {}), ("h2o", {"head_budgets": "adaptive"}),
+                                            ("snapkv", {"head_budgets": "adaptive"})], ids=["h2o", "h2o-adaptive",
+                                                                                          "snapkv-adaptive"])
+def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_says_so(method, params):
     """Buffers compile_sparse may not resize (not allocated by HF's StaticLayer since compile_sparse
-    was imported): the budget is kept at their start, the same tokens come out, and a warning says
-    the memory is not saved."""
+    was imported): the budget is kept at their start (packed, with per-head budgets), the same
+    tokens come out, and a warning says the memory is not saved."""
     ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(5))
-    options = {"kv": kv("h2o", 0.5), "lowering": "eager"}
+    options = {"kv": kv(method, 0.5, **params), "lowering": "eager"}
     dynamic = generate(compiled(models.tiny_llama(), options), ids)
     model = compiled(models.tiny_llama(), options)
     cache = static_cache(model, 48)
@@ -201,7 +204,11 @@ def test_a_static_cache_allocated_before_compile_sparse_keeps_its_length_and_say
     assert torch.equal(out.sequences, dynamic.sequences)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [48, 48]
     state = STATE.store.get(cache.layers[0].keys)
-    assert int((state[..., 0] >= 0).sum(-1).max()) == budget("h2o", 0.5, 40)  # the budget, at the buffers' start
+    real = state[..., 0] >= 0  # (1, Hkv, 48)
+    if not params:
+        assert int(real.sum(-1).max()) == budget("h2o", 0.5, 40)  # the budget, at the buffers' start
+    grown = 0 if method == "h2o" else out.sequences.shape[1] - 40 - 1  # a method without a decode rule keeps the new tokens
+    assert int(real.sum()) == 2 * budget(method, 0.5, 40) + 2 * grown
 
 
 def test_static_decode_compiles_once_and_writes_in_place():
