@@ -238,8 +238,8 @@ class _Site:
         args = [site.query, self.k.new, self.v.new, past_k, past_v, state_in]
         kwargs = dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
         with inserting_after_all(self.graph, [site.output, self.k.new, self.v.new]):
-            if self.config.packed:  # traced with the graph: traced alone, the step fixed its row's length
-                # (Hkv x P) unguarded, so that a later prompt length failed
+            if self.config.packed:  # traced in every layer: the one subgraph is kept to the uniform step
+                # (a first try of it for this step fixed the row's length, and a later prompt length failed)
                 step = self.call(packed_decode, *args, **kwargs)
             else:
                 step = call_compiled_once(self.gm, slot_decode, args, kwargs, "kv_slot_decode")
