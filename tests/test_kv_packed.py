@@ -142,8 +142,7 @@ def test_heads_share_the_bytes_of_the_uniform_cache():
     unequally among the heads (each with at least the floor); explain counts those bytes."""
     model = gqa_model()
     report = compile_sparse.explain(model, input_ids=ids(), use_cache=True, options={"kv": kv("snapkv", 0.75)})
-    with torch.no_grad():
-        cache, _ = run(model, kv("snapkv", 0.75), ids())
+    cache, _ = run(model, kv("snapkv", 0.75), ids())
     budget = T // 4
     counts = torch.stack([head_counts(layer) for layer in cache.layers])  # (L, B, Hkv)
     assert (counts.sum(-1) == KV_HEADS * budget).all()

@@ -20,8 +20,11 @@ that the cache the model hands back holds only what the method keeps.
 - **Several new tokens** over a DynamicCache (or decode with eviction off): they are appended,
   with a mask over the real slots; a method with a decode rule keeps the cache at its size.
 
-State per cache slot (position, priority, the method's own state) travels beside the cache tensor
-in the backend's state store (compile_sparse.state).
+With per-head budgets (``head_budgets="adaptive"``) the kept slots are packed, and the decode step
+and the several-token calls read them through each slot's owner head (passes/kv/packed.py).
+
+State per cache slot (position, priority, the method's own state, the owner when packed) travels
+beside the cache tensor in the backend's state store (compile_sparse.state).
 """
 
 from __future__ import annotations
