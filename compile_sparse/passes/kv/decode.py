@@ -23,13 +23,7 @@ from torch import Tensor
 from ...reference import grouped_probs
 from .packed import row_owners
 from .prefill import gather_tokens, kept_state, select_slots
-from .scoring import FIXED_STATE, FREE, POSITION, PRIORITY, ScoreInputs, config_of
-
-
-def _new_positions(state: Tensor, n: int) -> Tensor:
-    """The positions (B, n) of n new tokens: after the newest real slot of each row."""
-    newest = state[..., POSITION].amax(dim=(1, 2))  # (B,)
-    return newest[:, None] + 1 + torch.arange(n, device=state.device, dtype=state.dtype)
+from .scoring import FIXED_STATE, FREE, POSITION, PRIORITY, ScoreInputs, config_of, new_positions
 
 
 def slot_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, cache_v: Tensor, state: Tensor, *,
@@ -52,7 +46,7 @@ def slot_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, ca
     heads = torch.arange(hkv, device=slot.device)[None, :]  # (1, Hkv)
     cache_k.index_put_((rows, heads, slot), k_new[:, :, 0])  # in place: one token written
     cache_v.index_put_((rows, heads, slot), v_new[:, :, 0])
-    new_position = _new_positions(state, 1)  # (B, 1)
+    new_position = new_positions(state, 1)  # (B, 1)
     position = position.index_put((rows, heads, slot), new_position.expand(b, hkv))
     method_state = method_state.index_put((rows, heads, slot), method_state.new_zeros(b, hkv, method_state.shape[-1]))
     valid = position >= 0  # (B, Hkv, P)
@@ -87,7 +81,7 @@ def continuation_state(query: Tensor, keys: Tensor, values: Tensor, state: Tenso
     config = config_of(spec)
     b, hkv, length, _ = keys.shape
     n = query.shape[2]
-    new_position = _new_positions(state, n)  # (B, n)
+    new_position = new_positions(state, n)  # (B, n)
     position = torch.cat([state[..., POSITION], new_position[:, None, :].expand(b, hkv, n)], dim=-1)  # (B, Hkv, P + n)
     fresh = state.new_zeros((b, hkv, n, state.shape[-1] - 1))  # the new tokens' priority and method state
     grown = torch.cat([state[..., PRIORITY:], fresh], dim=2)  # (B, Hkv, P + n, C - 1)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ...reference import grouped_probs
-from .scoring import FIXED_STATE, FREE, POSITION, PRIORITY, KVConfig, ScoreInputs, config_of
+from .scoring import FIXED_STATE, FREE, POSITION, PRIORITY, KVConfig, ScoreInputs, config_of, new_positions
 
 OWNER = -1  # the last state channel of a packed cache slot: its KV head, -1 for an empty slot
 _TOP = torch.finfo(torch.float32).max
@@ -122,26 +122,20 @@ def packed_attention(query: Tensor, keys: Tensor, values: Tensor, position: Tens
     return out.view(b, hkv, -1, n, out.shape[-1]).flatten(1, 2).to(query.dtype), probs  # (B, Hq, n, D)
 
 
-def _rescore(config: KVConfig, query: Tensor, keys: Tensor, row: Tensor, new_positions: Tensor, probs: Tensor | None,
+def _rescore(config: KVConfig, query: Tensor, keys: Tensor, row: Tensor, query_positions: Tensor, probs: Tensor | None,
              scale: float, softcap: float | None) -> tuple[Tensor, Tensor | None]:
     """The method's scores and state of every slot of a packed row, each read in its owner's view:
     keys (B, Hkv, L, D); row (B, F, C) the slots' state (the new tokens' method state zero);
-    new_positions (B, n). Returns scores (B, F) and the method state (B, F, S) or None."""
+    query_positions (B, n) the new tokens'. Returns scores (B, F) and the method state (B, F, S) or None."""
     b, hkv, length, d = keys.shape
     owner = row[..., OWNER]
     method_state = row[..., FIXED_STATE:OWNER]
     inputs = ScoreInputs(query, keys.reshape(b, 1, hkv * length, d).expand(b, hkv, hkv * length, d), scale,
-                         head_view(row[..., POSITION], owner, hkv), new_positions,
+                         head_view(row[..., POSITION], owner, hkv), query_positions,
                          state=method_state[:, None].expand(b, hkv, *method_state.shape[1:]) if config.STATE_SIZE else None,
                          probs=probs, softcap=softcap)
     scores, new_state = config.score(inputs)  # (B, Hkv, F), (B, Hkv, F, S)
     return by_owner(scores, owner), None if new_state is None else by_owner(new_state, owner)
-
-
-def _new_positions(row: Tensor, n: int) -> Tensor:
-    """The positions (B, n) of n new tokens: after the newest real slot of each row (B, F, C)."""
-    newest = row[..., POSITION].amax(dim=-1)  # (B,)
-    return newest[:, None] + 1 + torch.arange(n, device=row.device, dtype=row.dtype)
 
 
 def _state(position: Tensor, priority: Tensor, method_state: Tensor | None, owner: Tensor) -> Tensor:
@@ -164,12 +158,11 @@ def packed_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, 
     if evict:
         slot = priority[:, None, :].masked_fill(mine < 0, float("inf")).argmin(dim=-1)  # (B, Hkv)
     else:
-        taken = head_view(torch.where(position == FREE, 0.0, -1.0), owner, hkv)  # 0 where the head's slot is free
-        slot = (taken == 0).float().argmax(dim=-1)  # (B, Hkv): the head's first free slot
+        slot = (mine == FREE).float().argmax(dim=-1)  # (B, Hkv): the head's first free slot (other heads' are -1)
     rows = torch.arange(b, device=slot.device)[:, None]  # (B, 1)
     cache_k.index_put_((rows, slot // p, slot % p), k_new[:, :, 0])  # in place: one token per head
     cache_v.index_put_((rows, slot // p, slot % p), v_new[:, :, 0])
-    new_position = _new_positions(row, 1)  # (B, 1)
+    new_position = new_positions(state, 1)  # (B, 1)
     position = position.scatter(1, slot, new_position.expand(b, hkv))
     method_state = row[..., FIXED_STATE:OWNER].scatter(1, slot[..., None].expand(b, hkv, config.STATE_SIZE), 0.0)
     out, probs = packed_attention(query, cache_k, cache_v, position, owner, new_position, scale, softcap)
@@ -192,16 +185,15 @@ def packed_continuation(query: Tensor, keys: Tensor, values: Tensor, state: Tens
     b, hkv, length, d = keys.shape
     n = query.shape[2]
     old = state.flatten(1, 2)  # (B, Hkv * P, C)
-    new_positions = _new_positions(old, n)  # (B, n)
+    added = new_positions(state, n)  # (B, n)
     fresh = state.new_zeros((b, hkv, n, state.shape[-1]))
-    fresh[..., POSITION] = new_positions[:, None, :]
-    fresh[..., OWNER] = torch.arange(hkv, device=state.device, dtype=state.dtype)[None, :, None]
-    grown = torch.cat([state, fresh], dim=2)  # (B, Hkv, P + n, C): the layout of HF's appended cache
+    fresh[..., POSITION] = added[:, None, :]
+    grown = torch.cat([state, row_owners(fresh)], dim=2)  # (B, Hkv, P + n, C): the layout of HF's appended cache
     row = grown.reshape(b, hkv * length, state.shape[-1])
-    out, probs = packed_attention(query, keys, values, row[..., POSITION], row[..., OWNER], new_positions, scale, softcap)
+    out, probs = packed_attention(query, keys, values, row[..., POSITION], row[..., OWNER], added, scale, softcap)
     if not evict:
         return out, keys, values, grown
-    scores, method_state = _rescore(config, query, keys, row, new_positions, probs, scale, softcap)
+    scores, method_state = _rescore(config, query, keys, row, added, probs, scale, softcap)
     row = _state(row[..., POSITION], scores, method_state, row[..., OWNER])
     counts = (head_view(old[..., POSITION], old[..., OWNER], hkv) >= 0).sum(dim=-1)  # (B, Hkv): real slots per head
     mine = head_view(row[..., POSITION], row[..., OWNER], hkv)  # (B, Hkv, F)

@@ -270,6 +270,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotate_half(x) * sin
 
 
+def new_positions(state: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions (B, n) of n new tokens after a cache whose slots' state is ``state`` (B, ..., C):
+    after the newest real slot of each row."""
+    newest = state[..., POSITION].flatten(1).amax(dim=-1)  # (B,)
+    return newest[:, None] + 1 + torch.arange(n, device=state.device, dtype=state.dtype)
+
+
 def spec_of(config: KVConfig) -> str:
     """The method as the graph carries it: its name and parameters, as JSON."""
     return json.dumps({"method": method_of(config)[1], "params": params_of(config)}, sort_keys=True)
