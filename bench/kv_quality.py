@@ -25,7 +25,8 @@ METHODS = ["streaming_llm", "snapkv", "h2o", "tova", "knorm", "hitkv", "pyramidk
 # model (these methods have no decode rule, so the compiled graph would be the dense one).
 PER_LAYER = {"pyramidkv"}
 PRESSES = {"snapkv": "SnapKVPress", "tova": "TOVAPress", "observed_attention": "ObservedAttentionPress",
-           "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress", "pyramidkv": "PyramidKVPress"}
+           "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress", "pyramidkv": "PyramidKVPress",
+           "keydiff": "KeyDiffPress", "expected_attention": "ExpectedAttentionPress"}
 
 
 def ours(model, docs, dense, methods, ratios, params):

@@ -8,7 +8,8 @@ applies to, each architecture compiled once (``Matrix``) for all of them.
 - decoders x KV methods (every decoder with one method of each kind of scorer, the methods of a kind
   taking turns over the architectures: ``kv_pairs``): an 8-token ``generate()`` on the cache the model builds itself equals
   dense at ratio 0 (tokens and logits); at 0.5 every full-attention layer keeps exactly its budget
-  (sliding-window layers keep HF's window rule and are refused with the reason);
+  (sliding-window layers keep HF's window rule and are refused with the reason); the same with
+  per-head budgets (a packed cache), a method with a decode rule and one without taking turns;
 - encoder-decoders x KV methods (the same way): the decoder's self-attention cache keeps the budget, the
   cross-attention cache (the encoder's keys) is left as it is;
 - encoders (and the encoders of encoder-decoders) x encoder token methods: identity at keep 1,
@@ -19,7 +20,10 @@ import pytest
 import torch
 
 import compile_sparse
+from compile_sparse.passes.kv.packed import OWNER
+from compile_sparse.passes.kv.scoring import POSITION
 from compile_sparse.passes.registry import config_class
+from compile_sparse.state import STATE
 
 from .architectures import ARCHITECTURES, Matrix, build, by_kind, expected, forward_inputs, inputs
 from .methods import kv_options, names
@@ -176,16 +180,17 @@ def _grows(method):
     return 0 if config.SUPPORTS_DECODE and config.decode else 7
 
 
-@kv_pairs("decoder")
-def test_kv_methods_on_every_decoder(name, method, compiled):
+def _check_decoder(name, method, compiled, **params):
+    """generate() on the cache the model builds: ratio 0 equals dense; at 0.5 every full-attention
+    layer keeps its budget (sliding-window layers are refused with the reason). The generated cache."""
     model, dense, matrix = compiled(name)
     reference = _generate(dense, name)
-    matrix.options = {"kv": kv_options(method, 0.0)}
+    matrix.options = {"kv": kv_options(method, 0.0, **params)}
     same = _generate(model, name)
     assert torch.equal(same.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(same.logits), torch.stack(reference.logits), atol=1e-5, rtol=1e-4)
 
-    matrix.options = {"kv": kv_options(method, 0.5)}
+    matrix.options = {"kv": kv_options(method, 0.5, **params)}
     out = _generate(model, name)
     assert out.sequences.shape == (1, PROMPT + 8)
     [result] = matrix.reports_for(matrix.options)[0].passes  # the first graph generate() runs: the prefill
@@ -201,6 +206,26 @@ def test_kv_methods_on_every_decoder(name, method, compiled):
         assert lengths[layer] == slots[layer] + _grows(method), (layer, lengths, sites)
     if method != "pyramidkv" and compressed:
         assert set(slots.values()) == {PROMPT // 2}
+    return out.past_key_values, compressed
+
+
+@kv_pairs("decoder")
+def test_kv_methods_on_every_decoder(name, method, compiled):
+    _check_decoder(name, method, compiled)
+
+
+@pytest.mark.parametrize("name,method", [pytest.param(name, ("h2o", "snapkv")[i % 2], marks=pytest.mark.xdist_group(name))
+                                         for i, name in enumerate(by_kind("decoder"))])
+def test_per_head_budgets_on_every_decoder(name, method, compiled):
+    """Per-head budgets (a packed cache; a method with a decode rule and one without, taking turns
+    over the architectures): the same as every method, and each compressed layer's slots are owned
+    by its KV heads, all of them real (the bytes of the uniform cache)."""
+    cache, compressed = _check_decoder(name, method, compiled, head_budgets="adaptive")
+    for layer in compressed:
+        keys = cache.layers[layer].keys  # (1, Hkv, K, D)
+        state = STATE.store.get(keys).flatten(1, 2)  # (1, Hkv * K, C)
+        assert (state[..., POSITION] >= 0).all()
+        assert sorted(state[0, :, OWNER].long().unique().tolist()) == list(range(keys.shape[1]))
 
 
 @kv_pairs("seq2seq")

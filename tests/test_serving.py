@@ -261,11 +261,14 @@ def test_the_rewritten_decode_graph_keeps_the_sources_cuda_graphs_need(monkeypat
     assert buffers.count("keys") == buffers.count("values") == 2, static
 
 
-def test_the_decode_step_is_one_subgraph_that_every_layer_calls(monkeypatch):
-    """The KV decode step (slot write, attention, rescoring) is one invoke_subgraph that every
-    layer's node calls (Inductor lowers it once, not once per layer), for a static cache length and,
-    after a second prompt length, a symbolic one; through Inductor it computes what the step called
-    inline in every layer computes (run eagerly: the plain torch code) and writes the cache in place."""
+@pytest.mark.parametrize("options", [kv("tova", 0.5), kv("h2o", 0.5, head_budgets="adaptive")],
+                         ids=["tova", "h2o-packed"])
+def test_the_decode_step_is_one_subgraph_that_every_layer_calls(monkeypatch, options):
+    """The KV decode step (slot write, attention, rescoring; packed: into a slot the head owns) is
+    one invoke_subgraph that every layer's node calls (Inductor lowers it once, not once per layer),
+    for a static cache length and, after a second prompt length, a symbolic one; through Inductor it
+    computes what the step called inline in every layer computes (run eagerly: the plain torch code)
+    and writes the cache in place."""
     import compile_sparse.backend as backend
     from compile_sparse.passes.kv import rewrite
 
@@ -280,7 +283,7 @@ def test_the_decode_step_is_one_subgraph_that_every_layer_calls(monkeypatch):
         if lowering == "eager":  # the reference: slot_decode itself in every layer, no traced subgraph
             monkeypatch.setattr(rewrite, "call_compiled_once",
                                 lambda gm, fn, args, kwargs, name: gm.graph.call_function(fn, tuple(args), kwargs))
-        forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("tova", 0.5), "lowering": lowering})
+        forward = torch.compile(model.forward, backend="sparse", options={"kv": options, "lowering": lowering})
         runs[lowering] = []
         for length in (40, 53):
             ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(length))

@@ -241,11 +241,8 @@ class _Site:
         args = [site.query, self.k.new, self.v.new, past_k, past_v, state_in]
         kwargs = dict(spec=self.spec, scale=site.scale, softcap=site.softcap, evict=self.evict)
         with inserting_after_all(self.graph, [site.output, self.k.new, self.v.new]):
-            if self.config.packed:  # traced in every layer: the one subgraph is kept to the uniform step
-                # (a first try of it for this step fixed the row's length, and a later prompt length failed)
-                step = self.call(packed_decode, *args, **kwargs)
-            else:
-                step = call_compiled_once(self.gm, slot_decode, args, kwargs, "kv_slot_decode")
+            step_fn, name = (packed_decode, "kv_packed_decode") if self.config.packed else (slot_decode, "kv_slot_decode")
+            step = call_compiled_once(self.gm, step_fn, args, kwargs, name)
             out, state = self.items(step, 2)
         self.replace_output(out)
         if dynamic:  # the cache tensors, written in place, are what the graph hands back
