@@ -5,6 +5,8 @@ The inlined side is the same backend with ``call_compiled_once`` replaced by a p
 compiles.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/decode_subgraph.py --json docs/data/decode_subgraph.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/decode_subgraph.py --methods h2o --params '{"head_budgets": "adaptive"}' \
+        --json docs/data/decode_subgraph_packed.json
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.75)
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--params", default="{}", help='parameters every method takes as well, as JSON '
+                        '(e.g. \'{"head_budgets": "adaptive"}\': the packed step)')
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    params = json.loads(args.params)
     torch.set_num_threads(1)
     model, tokenizer = models.load("smollm2")
     ids = models.sotu_ids(tokenizer, args.context)  # (1, context)
@@ -55,7 +60,7 @@ def main() -> None:
                                         ("inline", inline_call, inline_forward)):
                 rewrite.call_compiled_once = call
                 compiled = torch.compile(forward, backend="sparse",
-                                         options={"kv": {"method": method, "compression_ratio": args.ratio}})
+                                         options={"kv": {"method": method, "compression_ratio": args.ratio, **params}})
                 cache = prefill(compiled, ids)().past_key_values
                 steps[side] = decode_step(compiled, cache, 1, args.context)
                 start = time.perf_counter()
@@ -63,7 +68,7 @@ def main() -> None:
                 compile_s[side] = time.perf_counter() - start
             rewrite.call_compiled_once = subgraph_call
             times = interleaved(steps, args.rounds, warmup=2, desc=f"{method} decode")
-            row = {"method": method, "ratio": args.ratio, "context": args.context, "first_step_s": compile_s,
+            row = {"method": method, "ratio": args.ratio, "params": params, "context": args.context, "first_step_s": compile_s,
                    **{f"{side}_{key}": value for side, summary in times.items() for key, value in summary.items()},
                    "subgraph_over_inline": times["subgraph"]["median_ms"] / times["inline"]["median_ms"]}
             out["rows"].append(row)
