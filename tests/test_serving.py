@@ -280,7 +280,7 @@ def test_the_decode_step_is_one_subgraph_that_every_layer_calls(monkeypatch, opt
     for lowering in ("inductor", "eager"):
         torch.compiler.reset()
         graphs.clear()
-        if lowering == "eager":  # the reference: slot_decode itself in every layer, no traced subgraph
+        if lowering == "eager":  # the reference: the step function itself in every layer, no traced subgraph
             monkeypatch.setattr(rewrite, "call_compiled_once",
                                 lambda gm, fn, args, kwargs, name: gm.graph.call_function(fn, tuple(args), kwargs))
         forward = torch.compile(model.forward, backend="sparse", options={"kv": options, "lowering": lowering})
