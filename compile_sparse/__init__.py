@@ -12,6 +12,7 @@ from . import cache
 from . import methods  # noqa: F401  every method registers itself: compile_sparse/methods/, one file each
 from .analysis import AttentionSite, GraphAnalysis, LinearOp, MLPSite, SkippedRegion, analyze
 from .backend import PassError, SparseWarning, StrictError, sparse_backend
+from .compress import compress_context
 from .explain import explain
 from .export import export
 from .methods.d2prune import D2PruneConfig
@@ -24,6 +25,7 @@ from .methods.h2o import H2OConfig
 from .methods.hitkv import HitKVConfig
 from .methods.keydiff import KeyDiffConfig
 from .methods.knorm import KnormConfig
+from .methods.kvzip import KVzipConfig
 from .methods.lazyllm import LazyLLMConfig
 from .methods.magnitude import MagnitudeConfig
 from .methods.nm import NMSparsityConfig
@@ -43,10 +45,11 @@ from .transform import transform
 
 __all__ = [
     "AttentionSite", "GraphAnalysis", "LinearOp", "MLPSite", "PassError", "RECIPES", "Report", "SkippedRegion",
-    "SparseOptions", "SparseWarning", "StrictError", "analyze", "explain", "export", "parse_options", "sparse_backend", "transform",
+    "SparseOptions", "SparseWarning", "StrictError", "analyze", "compress_context", "explain", "export", "parse_options",
+    "sparse_backend", "transform",
     # KV-cache eviction configs (options={"kv": H2OConfig(compression_ratio=0.75)})
     "DapQConfig", "DefensiveKVConfig", "ExpectedAttentionConfig", "H2OConfig", "HitKVConfig", "KeyDiffConfig",
-    "KnormConfig", "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
+    "KnormConfig", "KVzipConfig", "PyramidKVConfig", "SnapKVConfig", "StreamingLLMConfig", "TOVAConfig",
     # token reduction configs (options={"tokens": LazyLLMConfig(layers=[4], keep_ratios=[0.5])})
     "EViTConfig", "LazyLLMConfig", "ToMeConfig",
     # pruning configs (options={"prune": WandaConfig(mlp_ratio=0.2, calibration=batches)}) and plans

@@ -113,11 +113,13 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions) -> tuple[fx.GraphModule, GraphReport]:
+def transform_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions,
+                    reread: bool = False) -> tuple[fx.GraphModule, GraphReport]:
     """Run the analysis and the passes the options ask for on a copy of ``gm`` (Dynamo keeps reading
-    the graph it captured); returns the rewritten copy and a report."""
+    the graph it captured); returns the rewritten copy and a report. ``reread``: the copy is for
+    a context's re-read (compile_sparse.compress_context)."""
     gm = copy_dynamo_graph(gm)
-    ctx = PassContext(example_inputs, STATE, options.kernels, options.strict)
+    ctx = PassContext(example_inputs, STATE, options.kernels, options.strict, reread)
     dump = _DebugDump(options.debug_dir) if options.debug_dir is not None else None
     analysis = analyze(gm, example_inputs)
     report = GraphReport(analysis=analysis.summary(), passes=[])
@@ -157,8 +159,40 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options
         STATE.watching_recompiles = True
     if parsed.strict:
         fail_on_recompile_limit()
-    gm, _ = transform_graph(gm, example_inputs, parsed)
-    return lower(gm, example_inputs, parsed.lowering, mode)
+    transformed, report = transform_graph(gm, example_inputs, parsed)
+    fn = lower(transformed, example_inputs, parsed.lowering, mode)
+    kv = parsed.methods.get("kv")
+    if kv is None or not kv.REREAD:
+        return fn
+    return _with_reread(gm, example_inputs, parsed, mode, fn, report)
+
+
+def _kv_rewrites(report: GraphReport, kind: str) -> bool:
+    return any(p["family"] == "kv" and kind in p["rewrites"] for p in report.passes)
+
+
+def _with_reread(gm: fx.GraphModule, example_inputs: Sequence[Any], options: SparseOptions, mode: str | None,
+                 fn: Callable, report: GraphReport) -> Callable:
+    """For a KV method that scores by a re-read (KVzip): ``fn`` and the graph lowered for the
+    re-read, which compile_sparse.compress_context's re-read call runs. A prompt the method keeps
+    whole outside compress_context is warned about (an error with strict): it is not compressed."""
+    transformed, reread_report = transform_graph(gm, example_inputs, options, reread=True)
+    reread_fn = lower(transformed, example_inputs, options.lowering, mode) \
+        if _kv_rewrites(reread_report, "context re-read") else None
+    keeps_whole = _kv_rewrites(report, "prefill kept whole")
+    name = method_of(options.methods["kv"])[1]
+
+    def run(*args: Any) -> Any:
+        if STATE.context_call == "reread" and reread_fn is not None:
+            STATE.rereads += 1
+            return reread_fn(*args)
+        if keeps_whole and STATE.context_call is None:
+            notify(("reread", name), f"kv:{name} keeps every token of a prompt prefilled outside "
+                   "compile_sparse.compress_context (generate() included): it compresses a context by re-reading "
+                   "it, which compress_context(model, tokenizer, input_ids) does", options.strict)
+        return fn(*args)
+
+    return run
 
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str, mode: str | None = None) -> Callable:

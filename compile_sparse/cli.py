@@ -96,7 +96,8 @@ def _ctx_continuation(args, model, tokenizer, settings) -> tuple[list[dict], lis
         options = ev.with_calibration(options, tokenizer)
         torch.compiler.reset()
         compiled = ev.compiled_forward(model, {"lowering": "eager", **options})
-        result = ev.ctx_continuation(_label(options), ev.model_prefill(compiled), ev.model_forward(compiled), docs, dense)
+        prefill = ev.reread_prefill(compiled, tokenizer) if retrieval.rereads(options) else ev.model_prefill(compiled)
+        result = ev.ctx_continuation(_label(options), prefill, ev.model_forward(compiled), docs, dense)
         saved = 1 - sum(result.cache_tokens) / (len(result.cache_tokens) * ev.CONTEXT)
         ratio = round(saved, 4)
         if ratio > 0 and ratio not in truncated:

@@ -92,6 +92,18 @@ def model_prefill(model: Callable) -> Callable:
     return prefill
 
 
+def reread_prefill(model: Callable, tokenizer: Any) -> Callable:
+    """prefill for continuation_nll through ``compile_sparse.compress_context`` (a KV method that scores
+    by a re-read of the context: KVzip)."""
+    from .compress import compress_context
+
+    def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        cache, logits = compress_context(model, tokenizer, ids)
+        return logits, cache
+
+    return prefill
+
+
 def truncate_prefill(model: Callable, ratio: float) -> Callable:
     """The naive baseline: prefill only the last floor(T * (1 - ratio)) context tokens, at their true positions."""
 

@@ -535,12 +535,23 @@ class Outcome:
 
 def kv_config(options: dict) -> Any:
     """The KV method's config of a setting that is a KV method alone with a cache HF's attention
-    reads (it is replayed), else None (it runs compiled: a packed cache, per-head budgets, is read
-    by the compiled graph only)."""
+    reads, scoring the prompt's own attention (it is replayed), else None (it runs compiled: a
+    packed cache, per-head budgets, is read by the compiled graph only; a method that scores by a
+    re-read compresses through compress_context)."""
     from .options import parse_options
 
     methods = parse_options(options).methods
-    return methods["kv"] if set(methods) == {"kv"} and not methods["kv"].packed else None
+    if set(methods) != {"kv"} or methods["kv"].packed or methods["kv"].REREAD:
+        return None
+    return methods["kv"]
+
+
+def rereads(options: dict) -> bool:
+    """The setting's KV method scores by a re-read (KVzip): its prompt goes through compress_context."""
+    from .options import parse_options
+
+    kv = parse_options(options).methods.get("kv")
+    return kv is not None and kv.REREAD
 
 
 def compiled_setting(model: torch.nn.Module, options: dict) -> Callable:
@@ -601,6 +612,8 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
     share a setting without one measured removed (token dropping), to 3 decimals.
     ``compiled(options)`` gives the compiled forward of a setting that is not a KV method alone
     (``compiled_setting`` by default)."""
+    from .compress import compress_context
+
     if setting not in SETTINGS:
         raise ValueError(f"unknown retrieval setting {setting!r}; valid: {', '.join(SETTINGS)}")
     answer = Answerer(tokenizer)
@@ -628,10 +641,13 @@ def run(model: torch.nn.Module, tokenizer: Any, cases: list[Case], settings: lis
             step = model if prefill_only(options) else forward
             for case in progress(cases, desc=f"retrieval ({setting}): {outcome.name}", unit="case"):
                 observed = observed_length(case, setting)
-                out = forward(input_ids=case.prompt[:, :observed], use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                if rereads(options):
+                    cache, logits = compress_context(forward, tokenizer, case.prompt[:, :observed])
+                else:
+                    out = forward(input_ids=case.prompt[:, :observed], use_cache=True, logits_to_keep=1)
+                    cache, logits = out.past_key_values, out.logits[:, -1]
                 kept = _share(cache, observed)  # before the answer grows the cache
-                outcome.add(case, answer(step, case, setting, cache, out.logits[:, -1]), kept)
+                outcome.add(case, answer(step, case, setting, cache, logits), kept)
         ratios = {truncate_ratio(options) or round(outcome.kv_removed, 3) for options, outcome in zip(settings, outcomes)}
         truncate = {ratio: truncation(model, answer, cases, setting, ratio) for ratio in sorted(ratios) if ratio > 0}
     return dense, truncate, outcomes

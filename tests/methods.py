@@ -15,7 +15,7 @@ EXAMPLES = {
         "streaming_llm": {}, "snapkv": {"window_size": 8}, "pyramidkv": {"window_size": 8},
         "h2o": {"recent_window": 4}, "tova": {}, "knorm": {}, "hitkv": {"top_k": 4, "recent_window": 4},
         "keydiff": {}, "defensivekv": {"window_size": 8}, "expected_attention": {},
-        "dapq": {"window_size": 8},
+        "dapq": {"window_size": 8}, "kvzip": {},
     },
     "tokens": {
         "lazyllm": {"layers": [1], "keep_ratios": [0.5], "window": 4},

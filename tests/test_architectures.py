@@ -28,7 +28,7 @@ from compile_sparse.state import STATE
 from .architectures import ARCHITECTURES, Matrix, build, by_kind, expected, forward_inputs, inputs
 from .methods import kv_options, names
 
-KV_METHODS = names("kv")
+KV_METHODS = names("kv", REREAD=False)  # a re-read method (kvzip) compresses in compress_context: tests/test_kvzip.py
 TOKEN_METHODS = names("tokens", CAUSAL=False)  # the encoder methods (lazyllm is for decoders)
 DATA_FREE = {**{name: ({"mlp_ratio": 0.0, "head_ratio": 0.0}, {"mlp_ratio": 0.5, "head_ratio": 0.5})
                 for name in names("prune", NEEDS="weights", BIAS_COMPENSATION=False)},

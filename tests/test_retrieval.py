@@ -79,7 +79,7 @@ def test_scoring_is_every_answer_in_the_text():
 
 
 @pytest.mark.parametrize("setting", retrieval.SETTINGS)
-@pytest.mark.parametrize("method", names("kv"))
+@pytest.mark.parametrize("method", names("kv", REREAD=False))
 def test_the_replay_keeps_what_the_compiled_prefill_keeps(method, setting):
     """For every KV method: the cache replayed from one captured dense prefill equals, layer by
     layer, the cache the compiled model leaves after prefilling the same tokens (the whole prompt,

@@ -19,6 +19,9 @@ that the cache the model hands back holds only what the method keeps.
   A StaticCache for a method without a decode rule fills the free slots kept after its prompt.
 - **Several new tokens** over a DynamicCache (or decode with eviction off): they are appended,
   with a mask over the real slots; a method with a decode rule keeps the cache at its size.
+- **A method that scores by a re-read** (KVzip, ``REREAD``): its prefill keeps every token, and the
+  graph lowered for ``compile_sparse.compress_context``'s re-read call (``PassContext.reread``)
+  keeps the budget of the cached tokens and drops the re-read's own (passes/kv/reread.py).
 
 With per-head budgets (``head_budgets="adaptive"``) the kept slots are packed, and the decode step
 and the several-token calls read them through each slot's owner head (passes/kv/packed.py).
@@ -49,6 +52,7 @@ from ..toolkit import inserting_after_all, output_node, remove_dead_code
 from .decode import continuation_mask, continuation_state, pad_free, slot_decode
 from .packed import packed_continuation, packed_decode, row_owners
 from .prefill import keep_in_buffers, widest, write_prefix  # (registers the ops)
+from .reread import prompt_state, query_validity
 from .scoring import POSITION, KVConfig, spec_of
 
 
@@ -98,11 +102,14 @@ def _default_state(config: KVConfig):
     return build
 
 
-def _refusal(site: AttentionSite) -> str | None:
+def _refusal(site: AttentionSite, config: KVConfig) -> str | None:
     """Why a site over a cache is left as it is, or None."""
     k, v = site.k_cache, site.v_cache
     if k.kind == "sliding":
         return "a sliding-window layer (HF keeps its last tokens): left to HF's window rule"
+    if config.REREAD and k.kind == "index_copy":
+        return ("a StaticCache: the method re-reads its context into the cache (compile_sparse.compress_context), "
+                "which needs a DynamicCache")
     if site.causal is not True:
         return "attention over a cache that is not causal: left as it is"
     if k.kind != v.kind or k.prefill != v.prefill:
@@ -228,6 +235,30 @@ class _Site:
                                         _fresh_check(self.gm, counter) if counter is not None else None))
         return "prefill eviction", "prefill eviction (into the StaticCache passed in)"
 
+    def keep_whole(self) -> tuple[str, str]:
+        """A prompt of a method that scores by a re-read: every token stays, with its state."""
+        with inserting_after_all(self.graph, [self.k.new]):
+            state = self.call(prompt_state, self.k.new, self.valid(), channels=self.config.state_channels,
+                              packed=self.config.packed)
+        add_state(self.gm, StateSlot(self.name, None, None, state, self.k.output))
+        return "prefill kept whole", "prefill: every token kept, for compile_sparse.compress_context's re-read"
+
+    def reread(self) -> tuple[str, str]:
+        """A context's re-read: the cache keeps each row's budget of its slots, scored by the
+        re-read's attention (HF's own mask: the slots are the whole prompt's, in order), and
+        hands back none of the re-read's tokens."""
+        site = self.site
+        state_in = self.state_input()
+        with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update, state_in]):
+            real = None if site.mask is None else self.call(query_validity, site.mask, site.mask_how)
+            reread = self.call(torch.ops.compile_sparse.kv_reread.default, site.query, self.k.update, self.v.update,
+                               state_in, real, self.spec, site.scale, site.softcap)
+            keys, values, state = self.items(reread, 3)
+        self.hand_back(self.k.output, keys)
+        self.hand_back(self.v.output, values)
+        add_state(self.gm, StateSlot(self.name, state_in, self.k.input, state, keys))
+        return "context re-read", "context re-read: the cache keeps the budget of its tokens, the re-read's are dropped"
+
     def state_input(self) -> fx.Node:
         past = example_value(self.k.input)  # (B, Hkv, P, D)
         example = past.new_zeros((*past.shape[:3], self.config.state_channels), dtype=torch.float32)
@@ -322,13 +353,13 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
     if not sites:
         result.sites["graph"] = "no attention over a KV cache in this graph (use_cache off?): nothing to evict"
         return result
-    if config.compression_ratio == 0:
+    if config.compression_ratio == 0 and not config.REREAD:  # a re-read still drops its own tokens
         result.sites["graph"] = "compression_ratio 0: nothing is evicted, the graph is unchanged"
         return result
     num_layers = max(s.layer for s in sites) + 1
     # one attention mask serves every full-attention layer: StaticCache buffers shrink only when all do
     static = [s for s in sites if s.k_cache.kind == "index_copy" and not s.cross]
-    resize = bool(static) and cache.install() and all(_refusal(s) is None for s in static)
+    resize = bool(static) and cache.install() and all(_refusal(s, config) is None for s in static)
     bytes_before = bytes_after = 0
     symbolic = False
     for site in sites:
@@ -336,13 +367,17 @@ def kv_eviction_pass(gm: fx.GraphModule, analysis: GraphAnalysis, config: KVConf
         if site.cross:  # by design: the encoder's keys and values are not the decoder's to evict
             result.sites[name] = "cross-attention: its cache (the encoder's keys and values) is left as it is"
             continue
-        reason = _refusal(site)
+        reason = _refusal(site, config)
         if reason is not None:
             result.refuse(name, reason)
             continue
         rewrite = _Site(gm, site, config, ctx, num_layers, resize)
         n = example_value(site.query).shape[2]
-        if site.k_cache.prefill:
+        if site.k_cache.prefill and config.REREAD:
+            kind, what = rewrite.keep_whole()
+        elif config.REREAD and ctx.reread and n != 1:
+            kind, what = rewrite.reread()
+        elif site.k_cache.prefill:
             kind, what = rewrite.prefill()
         elif site.k_cache.kind == "index_copy" and n != 1:
             kind, what = rewrite.static_prompt()

@@ -112,6 +112,9 @@ class KVConfig(ABC):
     # of a few of the last queries) or "all" (every query's row: computed with the attention itself)
     OBSERVES: ClassVar[str] = "none"
     READS_ROPE: ClassVar[bool] = False  # the scores need RoPE's tables (ScoreInputs.rope) where the graph has them
+    # The method scores a prompt by the model re-reading it (KVzip): the prefill keeps every token,
+    # and compile_sparse.compress_context's re-read call keeps the budget (passes/kv/reread.py)
+    REREAD: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_fraction(self, "compression_ratio")

@@ -1,0 +1,86 @@
+"""``compress_context``: a context compressed before its questions arrive, by a KV method that scores
+by the model re-reading it (KVzip; ``KVConfig.REREAD``), through a model compiled with
+``backend="sparse"``.
+
+    model.forward = torch.compile(model.forward, backend="sparse",
+                                  options={"kv": {"method": "kvzip", "compression_ratio": 0.75}})
+    cache, logits = compile_sparse.compress_context(model, tokenizer, context_ids)
+    # the question, at the positions after the context's real tokens (the cache is shorter)
+    out = model(input_ids=question_ids, past_key_values=cache, use_cache=True,
+                position_ids=context_ids.shape[1] + torch.arange(question_ids.shape[1])[None])
+
+Two calls of the compiled model: the context's prefill (every token kept; a row's positions count
+its real tokens, as generate() counts them), then the re-read: "Repeat
+the previous context exactly." in the model's chat template, the assistant's turn opened, and the
+context again (without the chat template's own header), teacher-forced at the positions after the
+context. That call keeps each row's budget of the context's keys and values, scored by the
+re-read's attention, and drops its own (passes/kv/reread.py): the cache then holds the budget,
+about twice the context's prefill spent to choose it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .retrieval import chat_template_parts
+from .state import STATE
+
+REPEAT = "\n\nRepeat the previous context exactly."  # KVzip's (and kvpress's KVzipPress's) repeat prompt
+
+
+@contextmanager
+def _call(kind: str) -> Iterator[None]:
+    STATE.context_call = kind
+    try:
+        yield
+    finally:
+        STATE.context_call = None
+
+
+def reread_ids(tokenizer: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The re-read of each row: the repeat prompt, then the row's real tokens (after the chat
+    template's header where the row starts with it), right-padded: ids and mask (B, R)."""
+    before, after = chat_template_parts(tokenizer)
+    header = tokenizer.encode(before, add_special_tokens=False)
+    repeat = tokenizer.encode(REPEAT + after, add_special_tokens=False)
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask):
+        real = ids[mask.bool()].tolist()
+        if header and real[:len(header)] == header:
+            real = real[len(header):]
+        rows.append(repeat + real)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=input_ids.device)  # (B, R)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=input_ids.device)
+    return ids, mask.to(attention_mask.dtype)
+
+
+def compress_context(model: Callable, tokenizer: Any, input_ids: Tensor,
+                     attention_mask: Tensor | None = None) -> tuple[Any, Tensor]:
+    """Prefill ``input_ids`` (B, T) (left-padded with ``attention_mask`` (B, T)) through ``model``, a
+    model or forward compiled with ``backend="sparse"`` and a KV method that scores by a re-read,
+    then re-read it so that the cache keeps the method's budget. Returns the cache (a DynamicCache)
+    and the logits (B, V) of each row's last token. Raises when the model did not compress
+    (another backend or method)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    with torch.no_grad():
+        positions = (mask.long().cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # (B, T): generate()'s
+        with _call("prefill"):
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+        cache = out.past_key_values
+        ids, reread_mask = reread_ids(tokenizer, input_ids, mask)
+        positions = mask.sum(dim=-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)  # (B, R)
+        rereads = STATE.rereads
+        with _call("reread"):
+            model(input_ids=ids, attention_mask=torch.cat([mask, reread_mask], dim=-1), position_ids=positions,
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if STATE.rereads == rereads:
+        raise RuntimeError("no graph compressed the context on its re-read: compress_context needs a model compiled "
+                           "with backend='sparse' and a KV method that scores by a re-read (kvzip)")
+    return cache, out.logits[:, -1]
