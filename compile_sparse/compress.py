@@ -10,12 +10,13 @@ by the model re-reading it (KVzip; ``KVConfig.REREAD``), through a model compile
                 position_ids=context_ids.shape[1] + torch.arange(question_ids.shape[1])[None])
 
 Two calls of the compiled model: the context's prefill (every token kept; a row's positions count
-its real tokens, as generate() counts them), then the re-read: "Repeat
-the previous context exactly." in the model's chat template, the assistant's turn opened, and the
-context again (without the chat template's own header), teacher-forced at the positions after the
-context. That call keeps each row's budget of the context's keys and values, scored by the
-re-read's attention, and drops its own (passes/kv/reread.py): the cache then holds the budget,
-about twice the context's prefill spent to choose it.
+its real tokens, as generate() counts them), then the re-read: "Repeat the previous context
+exactly." in the model's chat template, the assistant's turn opened, and the context again (without
+the chat template's own header), teacher-forced at the positions after the context. That call keeps
+each row's budget of the context's keys and values, scored by the re-read's attention, and drops its
+own (passes/kv/reread.py): the cache then holds the budget, chosen at the cost of a second forward
+of the context's length over a cache twice as long. A left-padded row's question starts at its real
+length (``attention_mask.sum(-1)``).
 """
 
 from __future__ import annotations
