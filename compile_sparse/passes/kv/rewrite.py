@@ -237,7 +237,7 @@ class _Site:
 
     def keep_whole(self) -> tuple[str, str]:
         """A prompt of a method that scores by a re-read: every token stays, with its state."""
-        with inserting_after_all(self.graph, [self.k.new]):
+        with inserting_after_all(self.graph, [self.k.new, self.site.query, self.site.mask]):
             state = self.call(prompt_state, self.k.new, self.valid(), channels=self.config.state_channels,
                               packed=self.config.packed)
         add_state(self.gm, StateSlot(self.name, None, None, state, self.k.output))
