@@ -137,6 +137,21 @@ def slots_of(config: KVConfig, layer: int, num_layers: int, length: Any) -> Any:
     return config.budget(layer, num_layers, length)
 
 
+def keep_budgets(config: KVConfig, k: Tensor, v: Tensor, scores: Tensor, method_state: Tensor | None,
+                 positions: Tensor, real: list[int], layer: int, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep each row's budget of T scored tokens: k, v (B, Hkv, T, D); scores (B, Hkv, T); method_state
+    (B, Hkv, T, C') or None; positions (B, Hkv, T) (-1: padding); real, each row's real token count.
+    Returns k, v (B, Hkv, K, D) and the state (B, Hkv, K, C), K the budget of T, packed when the
+    config is (per-head budgets: passes/kv/packed.py). Shared by the prefill and the re-read."""
+    slots = slots_of(config, layer, num_layers, k.shape[2])
+    keep = torch.tensor([min(slots, config.budget(layer, num_layers, n)) if n else 0 for n in real], device=k.device)
+    if config.packed:
+        return packed_prefill(k, v, scores, method_state, positions[:, 0], keep, slots, config.head_floor)
+    index, kept = select_slots(scores, positions, keep, slots)
+    state = kept_state(scores, method_state, positions, index, kept)
+    return gather_tokens(k, index), gather_tokens(v, index), state
+
+
 @torch.library.custom_op("compile_sparse::kv_prefill", mutates_args=())
 def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Tensor | None, spec: str, layer: int,
                num_layers: int, scale: float, softcap: float | None, kernels: str, cos: Tensor | None = None,
@@ -156,14 +171,8 @@ def kv_prefill(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, totals: Te
     inputs = ScoreInputs(q, k, scale, positions[:, None, :].expand(b, hkv, length), positions, totals=totals,
                          plain=valid is None, kernels=kernels, softcap=softcap, values=v, rope=rope)
     scores, method_state = config.score(inputs)
-    slots = slots_of(config, layer, num_layers, length)
     real = [length] * b if valid is None else valid.sum(dim=-1).tolist()
-    keep = torch.tensor([min(slots, config.budget(layer, num_layers, n)) if n else 0 for n in real], device=k.device)
-    if config.packed:
-        return packed_prefill(k, v, scores, method_state, positions, keep, slots, config.head_floor)
-    index, kept = select_slots(scores, inputs.positions, keep, slots)
-    state = kept_state(scores, method_state, inputs.positions, index, kept)
-    return gather_tokens(k, index), gather_tokens(v, index), state
+    return keep_budgets(config, k, v, scores, method_state, inputs.positions, real, layer, num_layers)
 
 
 @kv_prefill.register_fake

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ...reference import mask_allows
-from .packed import packed_prefill, row_owners
-from .prefill import gather_tokens, kept_state, real_positions, select_slots
+from .packed import row_owners
+from .prefill import keep_budgets, real_positions
 from .scoring import POSITION, ScoreInputs, config_of, new_positions
 
 
@@ -59,14 +59,8 @@ def kv_reread(q: Tensor, k: Tensor, v: Tensor, state: Tensor, real_queries: Tens
     positions = torch.cat([position, new[:, None, :].expand(b, hkv, n)], dim=-1)  # (B, Hkv, P + n)
     scores, _ = config.score(ScoreInputs(q, k, scale, positions, new, softcap=softcap))
     scores = scores[..., :past]  # (B, Hkv, P): the context's tokens only
-    slots = config.budget(0, 1, past)
     real = (position[:, 0] >= 0).sum(dim=-1).tolist()
-    keep = torch.tensor([min(slots, config.budget(0, 1, r)) if r else 0 for r in real], device=k.device)
-    k, v = k[:, :, :past], v[:, :, :past]
-    if config.packed:
-        return packed_prefill(k, v, scores, None, position[:, 0], keep, slots, config.head_floor)
-    index, kept = select_slots(scores, position, keep, slots)
-    return gather_tokens(k, index), gather_tokens(v, index), kept_state(scores, None, position, index, kept)
+    return keep_budgets(config, k[:, :, :past], v[:, :, :past], scores, None, position, real, 0, 1)
 
 
 @kv_reread.register_fake
