@@ -21,6 +21,7 @@ length (``attention_mask.sum(-1)``).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -66,8 +67,9 @@ def compress_context(model: Callable, tokenizer: Any, input_ids: Tensor,
     """Prefill ``input_ids`` (B, T) (left-padded with ``attention_mask`` (B, T)) through ``model``, a
     model or forward compiled with ``backend="sparse"`` and a KV method that scores by a re-read,
     then re-read it so that the cache keeps the method's budget. Returns the cache (a DynamicCache)
-    and the logits (B, V) of each row's last token. Raises when the model did not compress
-    (another backend or method)."""
+    and the logits (B, V) of each row's last token. A layer the re-read does not compress (a
+    sliding-window layer, refused with a warning) keeps the context as HF keeps it. Raises when no
+    graph of a re-read method ran (another backend or method)."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     with torch.no_grad():
         positions = (mask.long().cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # (B, T): generate()'s
@@ -78,10 +80,14 @@ def compress_context(model: Callable, tokenizer: Any, input_ids: Tensor,
         ids, reread_mask = reread_ids(tokenizer, input_ids, mask)
         positions = mask.sum(dim=-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)  # (B, R)
         rereads = STATE.rereads
+        prefilled = [copy.copy(layer) for layer in cache.layers]  # each layer as the prefill left it
         with _call("reread"):
             model(input_ids=ids, attention_mask=torch.cat([mask, reread_mask], dim=-1), position_ids=positions,
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
     if STATE.rereads == rereads:
-        raise RuntimeError("no graph compressed the context on its re-read: compress_context needs a model compiled "
-                           "with backend='sparse' and a KV method that scores by a re-read (kvzip)")
+        raise RuntimeError("the context's re-read ran no graph of a re-read method: compress_context needs a model "
+                           "compiled with backend='sparse' and a KV method that scores by a re-read (kvzip)")
+    for i, layer in enumerate(cache.layers):
+        if STATE.store.get(layer.keys) is None:  # not compressed (a sliding-window layer; warned): it took the
+            cache.layers[i] = prefilled[i]  # re-read's tokens, and goes back to the context as HF keeps it
     return cache, out.logits[:, -1]

@@ -172,7 +172,7 @@ class BackendState:
     graph_breaks: set = field(default_factory=set)  # Dynamo's graph-break reasons already seen
     watching_recompiles: bool = False  # the recompile-limit warning is installed
     context_call: str | None = None  # compile_sparse.compress_context's call in progress: "prefill" or "reread"
-    rereads: int = 0  # graphs lowered for a re-read that ran (compress_context checks that its call did)
+    rereads: int = 0  # re-read calls a re-read method's graph ran (compress_context checks that its call did)
 
 
 STATE = BackendState()

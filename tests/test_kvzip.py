@@ -15,6 +15,8 @@ from compile_sparse.passes.kv import scoring
 from compile_sparse.passes.kv.packed import OWNER
 from compile_sparse.state import STATE
 
+from .architectures import build
+
 T, PADS = 40, 7
 
 
@@ -187,12 +189,46 @@ def test_off_its_path_it_says_so():
     assert report.passes[0]["rewrites"] == {"prefill kept whole": 2}
     tova = torch.compile(model.forward, backend="sparse", options={"kv": {"method": "tova", "compression_ratio": 0.5},
                                                                    "lowering": "eager"})
-    with pytest.raises(RuntimeError, match="no graph compressed the context on its re-read"):
+    with pytest.raises(RuntimeError, match="the context's re-read ran no graph of a re-read method"):
         compile_sparse.compress_context(tova, TOKENIZER, input_ids)
     with pytest.raises(ValueError, match="n_sink must be an int >= 0, got -1"):
         KVzipConfig(n_sink=-1)
     with pytest.raises(ValueError, match="kernel_size"):
         KVzipConfig(kernel_size=4)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_sliding_window_layers_keep_the_context_as_hf_keeps_it(name):
+    """A sliding-window layer is not compressed (warned: HF's window rule) and must not keep the
+    re-read's tokens: gemma3 (one sliding, one full layer) and mistral (every layer sliding; nothing
+    to compress, so the cache is the context's) answer a question as dense does at ratio 0, and at
+    0.5 the full layer holds its budget while the sliding one holds what dense's holds."""
+    model = build(name).eval()
+    input_ids, mask = batch()
+    question = torch.randint(3, 100, (2, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        context = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_of(mask),
+                        use_cache=True).past_key_values
+        full = torch.cat([mask, torch.ones_like(question)], dim=-1)
+        dense = model(input_ids=torch.cat([input_ids, question], dim=-1), attention_mask=full,
+                      position_ids=positions_of(full)).logits
+    for ratio in (0.0, 0.5):
+        with pytest.warns(compile_sparse.SparseWarning, match="sliding-window layer"):
+            STATE.warned.clear()  # said once per cause in the process: each compile says it here
+            cache, _, compiled = compress(model, input_ids, mask, compression_ratio=ratio)
+        for layer, prefilled in zip(cache.layers, context.layers):
+            if layer.is_sliding:  # the context's last tokens, as the dense prefill left them
+                assert layer.keys.shape[-2] < T
+                torch.testing.assert_close(layer.keys, prefilled.keys, atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(layer.values, prefilled.values, atol=1e-6, rtol=1e-5)
+            else:
+                assert layer.keys.shape[-2] == int(T * (1 - ratio))
+        if ratio == 0:
+            with torch.no_grad():
+                answer = compiled(input_ids=question, past_key_values=cache, use_cache=True,
+                                  position_ids=mask.sum(-1, keepdim=True) + torch.arange(4)).logits
+            torch.testing.assert_close(answer, dense[:, T:], atol=1e-5, rtol=1e-5)
+    assert [layer.is_sliding for layer in cache.layers] == ([True, False] if name == "gemma3" else [True, True])
 
 
 def test_ctx_continuation_compresses_through_the_reread():
