@@ -51,14 +51,14 @@ def grouped_logits(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = Non
         logits = torch.tanh(logits / softcap) * softcap
     if mask is not None:
         mask = grouped_mask(mask, hkv, group)
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        logits = logits.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
     return logits
 
 
 def grouped_probs(q: Tensor, k: Tensor, scale: float, mask: Tensor | None = None,
                   softcap: float | None = None) -> Tensor:
     """Softmax of ``grouped_logits`` over the keys: (B, Hkv, G, T, L); a row with no visible key is 0."""
-    return grouped_logits(q, k, scale, mask, softcap).softmax(dim=-1).nan_to_num(0.0)
+    return grouped_logits(q, k, scale, mask, softcap).softmax(dim=-1).nan_to_num_(0.0)
 
 
 def mask_allows(mask: Tensor, how: str) -> Tensor:

@@ -80,9 +80,9 @@ class ScoreInputs:
         if self.probs is not None:
             return self.probs[:, :, :, start:stop]
         q_pos = self.query_positions[:, start:stop]  # (B, c)
+        # a padding query (at -1) sees no real token: grouped_probs gives it a row of zeros
         visible = (self.positions[:, :, None, :] <= q_pos[:, None, :, None]) & self.valid[:, :, None, :]  # (B, Hkv, c, T)
-        probs = grouped_probs(self.query[:, :, start:stop], self.keys, self.scale, visible, self.softcap)
-        return probs * (q_pos >= 0)[:, None, None, :, None]  # (B, Hkv, G, c, T)
+        return grouped_probs(self.query[:, :, start:stop], self.keys, self.scale, visible, self.softcap)
 
     def seen_by(self) -> torch.Tensor:
         """How many real new queries see each token (B, Hkv, T) fp32: those at or after its position
