@@ -5,9 +5,10 @@ by the model re-reading it (KVzip; ``KVConfig.REREAD``), through a model compile
     model.forward = torch.compile(model.forward, backend="sparse",
                                   options={"kv": {"method": "kvzip", "compression_ratio": 0.75}})
     cache, logits = compile_sparse.compress_context(model, tokenizer, context_ids)
-    # the question, at the positions after the context's real tokens (the cache is shorter)
-    out = model(input_ids=question_ids, past_key_values=cache, use_cache=True,
-                position_ids=context_ids.shape[1] + torch.arange(question_ids.shape[1])[None])
+    # the question's ids alone, with the mask of context and question: generate() takes the
+    # positions from the mask (the cache is shorter than the tokens it has seen)
+    mask = torch.ones(1, context_ids.shape[1] + question_ids.shape[1], dtype=torch.long)
+    answer = model.generate(input_ids=question_ids, attention_mask=mask, past_key_values=cache)
 
 Two calls of the compiled model: the context's prefill (every token kept; a row's positions count
 its real tokens, as generate() counts them), then the re-read: "Repeat the previous context

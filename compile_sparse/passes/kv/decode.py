@@ -64,9 +64,10 @@ def slot_decode(query: Tensor, k_new: Tensor, v_new: Tensor, cache_k: Tensor, ca
     return out, torch.cat(parts, dim=-1)
 
 
-def continuation_mask(state: Tensor, n: int) -> Tensor:
-    """The attention mask (B, 1, n, P + n) bool of n new tokens appended after P slots: every real
-    slot, and the new tokens up to each one's own."""
+def continuation_mask(state: Tensor, query: Tensor) -> Tensor:
+    """The attention mask (B, 1, n, P + n) bool of the n new tokens of ``query`` (B, Hq, n, D)
+    appended after P slots: every real slot, and the new tokens up to each one's own."""
+    n = query.shape[2]
     real = (state[:, 0, :, POSITION] >= 0)[:, None, None, :]  # (B, 1, 1, P): the same slots are real in every head
     causal = torch.ones(n, n, dtype=torch.bool, device=state.device).tril()  # (n, n)
     b, slots = state.shape[0], state.shape[2]

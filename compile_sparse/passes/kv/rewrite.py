@@ -300,7 +300,7 @@ class _Site:
             self.replace_output(out)
         else:
             with inserting_after_all(self.graph, [site.query, state_in]):
-                mask = self.call(continuation_mask, state_in, n)
+                mask = self.call(continuation_mask, state_in, site.query)  # n read from the query: no raw SymInt in the graph
             _apply_mask(self.graph, site, mask)
             with inserting_after_all(self.graph, [site.output, self.k.update, self.v.update]):
                 grown = self.call(continuation_state, site.query, self.k.update, self.v.update, state_in, **kwargs)

@@ -89,7 +89,7 @@ class ScoreInputs:
         (padding queries, at -1, come first and are never counted)."""
         b, hkv, length = self.positions.shape
         q_pos = self.query_positions.contiguous()  # (B, n), non-decreasing
-        earlier = torch.searchsorted(q_pos, self.positions.reshape(b, hkv * length))  # queries before each token
+        earlier = torch.searchsorted(q_pos, self.positions.reshape(b, hkv * length).contiguous())  # queries before each token
         return (q_pos.shape[1] - earlier).view(b, hkv, length).float() * self.valid
 
 
