@@ -86,39 +86,38 @@ def test_ratio_zero_answers_exactly_as_dense(head_budgets):
 @pytest.mark.parametrize("head_budgets", ["uniform", "adaptive"])
 def test_generate_continues_from_the_compressed_context(head_budgets):
     """generate() answers over compress_context's cache given the question's ids and the mask of
-    context and question (padded row included): the tokens of a greedy decode at explicit true
-    positions over the same cache (at ratio 0, the tokens dense generate() picks over the whole
-    prompt), the cache then holding the budget, the question and the tokens generated but the last."""
+    context and question (padded row included): each step's logits are those of a greedy decode at
+    explicit true positions over the same cache (at ratio 0, dense generate()'s over the whole
+    prompt), and the cache then holds the budget, the question and the tokens generated but the last."""
     model = models.tiny_llama()
     model.generation_config.pad_token_id = 0
     input_ids, mask = batch()
     question = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     full_mask = torch.cat([mask, torch.ones_like(question)], dim=-1)
     steps = 6
+    greedy = dict(max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        dense = model.generate(input_ids=torch.cat([input_ids, question], dim=-1), attention_mask=full_mask,
-                               max_new_tokens=steps, do_sample=False)[:, T + 5:]  # (2, steps)
+        dense = model.generate(input_ids=torch.cat([input_ids, question], dim=-1), attention_mask=full_mask, **greedy)
     for ratio in (0.0, 0.5):
         torch.compiler.reset()  # the reference's calls and generate()'s compile apart (their arguments differ)
         reference, _, compiled = compress(model, input_ids, mask, compression_ratio=ratio, head_budgets=head_budgets)
-        ids, position, greedy = question, mask.sum(-1, keepdim=True) + torch.arange(5), []
+        ids, position, expected = question, mask.sum(-1, keepdim=True) + torch.arange(5), []
         with torch.no_grad():
             for _ in range(steps):
-                logits = compiled(input_ids=ids, past_key_values=reference, position_ids=position, use_cache=True).logits
-                ids = logits[:, -1].argmax(-1, keepdim=True)  # (2, 1)
-                greedy.append(ids)
-                position = position[:, -1:] + 1
+                logits = compiled(input_ids=ids, past_key_values=reference, position_ids=position,
+                                  use_cache=True).logits[:, -1]  # (2, V)
+                expected.append(logits)
+                ids, position = logits.argmax(-1, keepdim=True), position[:, -1:] + 1
             torch.compiler.reset()
             cache, _, compiled = compress(model, input_ids, mask, compression_ratio=ratio, head_budgets=head_budgets)
             dense_forward, model.forward = model.forward, compiled
             try:
-                out = model.generate(input_ids=question, attention_mask=full_mask, past_key_values=cache,
-                                     max_new_tokens=steps, do_sample=False)[:, 5:]  # (2, steps)
+                out = model.generate(input_ids=question, attention_mask=full_mask, past_key_values=cache, **greedy)
             finally:
                 model.forward = dense_forward
-        assert torch.equal(out, torch.cat(greedy, dim=-1))
+        torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(expected, 1), atol=1e-5, rtol=1e-5)
         if ratio == 0:
-            assert torch.equal(out, dense)
+            torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(dense.logits, 1), atol=1e-5, rtol=1e-5)
         assert cache.get_seq_length() == int(T * (1 - ratio)) + 5 + steps - 1
 
 
