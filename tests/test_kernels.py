@@ -320,7 +320,7 @@ def test_h2o_generate_through_inductor_with_the_kernels():
     input_ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
     kv = {"method": "h2o", "compression_ratio": 0.5, "recent_window": 4}
     runs = [("cpu", "auto"), ("cuda", "auto") if DEVICE == "cuda" else ("cpu", "interpret")]
-    sequences = []
+    sequences, logits = [], []
     for device, kernels in runs:
         torch.compiler.reset()
         model = models.tiny_llama(head_dim=16).to(device)
@@ -328,7 +328,9 @@ def test_h2o_generate_through_inductor_with_the_kernels():
         model.forward = torch.compile(model.forward, backend=backend)
         with torch.no_grad():
             out = model.generate(input_ids.to(device), max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                                 pad_token_id=0, return_dict_in_generate=True)
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [12, 12]
         sequences.append(out.sequences.cpu())
+        logits.append(torch.stack(out.logits).cpu())
     assert torch.equal(sequences[0], sequences[1])
+    assert_close(logits[1], logits[0])

@@ -15,7 +15,7 @@ from compile_sparse.passes.kv.budgets import uniform_budget
 from compile_sparse.passes.registry import build
 from compile_sparse.state import STATE
 
-from .helpers import compiled_generate_matches
+from .helpers import compiled_generate_matches, generate
 from .methods import DECODE, MODEL_REFERENCE, PREFILL_REFERENCE, kv_options as kv, names
 
 METHODS = names("kv", REREAD=False)  # a re-read method (kvzip) compresses in compress_context: tests/test_kvzip.py
@@ -301,14 +301,14 @@ def test_generate_with_eviction_through_inductor():
     model.forward = torch.compile(model.forward, backend="sparse", options={"kv": kv("tova", 0.5)})
     with torch.no_grad():
         out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True)
+                             output_logits=True, return_dict_in_generate=True)
     del model.forward
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [20, 20]
-    eager = models.tiny_llama()  # the same eviction through eager lowering: the same tokens
+    eager = models.tiny_llama()  # the same eviction through eager lowering: the same tokens and logits
     eager.forward = torch.compile(eager.forward, backend="sparse", options={"kv": kv("tova", 0.5), "lowering": "eager"})
-    with torch.no_grad():
-        expected = eager.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected, expected_logits = generate(eager, ids(), steps=6)
     assert torch.equal(out.sequences, expected)
+    torch.testing.assert_close(torch.stack(out.logits), expected_logits, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

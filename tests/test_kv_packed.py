@@ -272,10 +272,13 @@ def test_generate_with_a_padded_batch_is_the_same_on_dynamic_and_static_caches(m
             with torch.no_grad():
                 outputs[implementation] = model.generate(
                     batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
-                    return_dict_in_generate=True, **({} if implementation == "dynamic" else {"cache_implementation": "static"}))
+                    output_logits=True, return_dict_in_generate=True,
+                    **({} if implementation == "dynamic" else {"cache_implementation": "static"}))
         finally:
             model.forward = forward
     assert torch.equal(outputs["dynamic"].sequences, outputs["static"].sequences)
+    torch.testing.assert_close(torch.stack(outputs["static"].logits), torch.stack(outputs["dynamic"].logits),
+                               atol=1e-4, rtol=1e-4)
     room = 0 if method == "h2o" else 5  # a StaticCache keeps room for the tokens decoded after the prompt's
     assert [layer.keys.shape[2] for layer in outputs["static"].past_key_values.layers] == [T // 4 + room] * 2
 

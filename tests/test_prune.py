@@ -14,6 +14,8 @@ from compile_sparse import models
 from compile_sparse.export import shrink_model
 from compile_sparse.passes.prune import plan_build
 
+from .helpers import generate
+
 CRITERIA = ["magnitude", "wanda", "flap", "taylor", "d2prune"]
 T = 16
 
@@ -205,14 +207,13 @@ def test_generate_reuses_the_plan_in_decode(tmp_path):
     eager_forward = model.forward
     model.forward = compiled
     try:
-        with torch.no_grad():
-            out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        out, logits = generate(model, ids(), steps=6)
     finally:
         model.forward = eager_forward
     reference = shrink_model(tiny(), compile_sparse.Plan.load(tmp_path / "plan.json"))
-    with torch.no_grad():
-        expected = reference.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected, expected_logits = generate(reference, ids(), steps=6)
     assert torch.equal(out, expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_inductor_lowering_matches_eager_lowering():

@@ -8,6 +8,7 @@ import torch.nn as nn
 import compile_sparse
 from compile_sparse.methods.nm import nm_mask
 
+from .helpers import generate
 from .test_prune import CALIB, dense, down_inputs, ids, run, tiny
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +82,9 @@ def test_nm_generate_matches_masked_weights():
                              options={"prune": {"method": "nm", "calibration": CALIB}, "lowering": "eager"})
     eager_forward, model.forward = model.forward, compiled
     try:
-        with torch.no_grad():
-            out = model.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        out, logits = generate(model, ids(), steps=6)
     finally:
         model.forward = eager_forward
-    with torch.no_grad():
-        expected = reference.generate(ids(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected, expected_logits = generate(reference, ids(), steps=6)
     assert torch.equal(out, expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
