@@ -8,7 +8,7 @@
     compile-sparse bench MODEL [--context N] [--options JSON] [--batch B] [--runs N] [--json FILE] [--quiet]
 
 MODEL is a zoo name or a local folder that transformers loads (config.json, weights, its tokenizer).
-Progress bars go to stderr when it is a terminal; --quiet turns them off.
+Progress goes to stderr (a bar on a terminal, a line a minute in a log); --quiet turns it off.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     long_work = argparse.ArgumentParser(add_help=False)
     long_work.add_argument("--quiet", action="store_true",
-                           help="no progress bars (they go to stderr, and only when it is a terminal)")
+                           help="no progress on stderr (a bar on a terminal, a line a minute in a log)")
     inspect = sub.add_parser("inspect", parents=[long_work],
                              help="show the attention / MLP sites found and what the options would change")
     inspect.add_argument("model", help=f"a zoo model ({', '.join(models.ZOO)}) or a local model folder")

@@ -1,4 +1,5 @@
-"""Progress bars: drawn on stderr only when it is a terminal and --quiet was not given."""
+"""Progress on stderr: a bar on a terminal, plain lines at most once a minute in a log, nothing with
+--quiet."""
 
 import io
 import sys
@@ -44,6 +45,23 @@ def test_no_bar_without_a_terminal_or_when_quiet(stderr, tty, quiet):
     terminal = stderr(tty=tty, quiet=quiet)
     assert list(progress(range(3), desc="documents")) == [0, 1, 2]
     assert terminal.getvalue() == ""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_lines_in_a_log(stderr, monkeypatch, quiet):
+    """Without a terminal, a line after an item once ``LINE_EVERY`` seconds have passed (0 here: after
+    every item), with a time left when the length is known; none when quiet."""
+    monkeypatch.setattr(progress_module, "LINE_EVERY", 0.0)
+    terminal = stderr(tty=False, quiet=quiet)
+    assert list(progress(range(3), desc="cases")) == [0, 1, 2]
+    assert list(progress(iter("ab"), desc="rounds")) == ["a", "b"]
+    lines = terminal.getvalue().splitlines()
+    if quiet:
+        assert lines == []
+        return
+    assert [line.split(",")[0] for line in lines] == ["cases: 1/3", "cases: 2/3", "cases: 3/3", "rounds: 1/?", "rounds: 2/?"]
+    assert all("elapsed" in line for line in lines)
+    assert ["left" in line for line in lines] == [True] * 3 + [False] * 2
 
 
 def test_the_cli_quiet_switch(monkeypatch, capsys):
