@@ -1,7 +1,7 @@
 """KVzip: a context compressed by the model re-reading it (``compile_sparse.compress_context``).
 Identity at ratio 0, the exact budget and bytes (uniform and per-head), the kept tokens against a
 reference from the eager model's attention during the re-read, a left-padded row as it is alone,
-Inductor as the eager lowering, six architectures of the zoo (sliding windows included), and clear
+Inductor as the eager lowering, contexts of six lengths through one compiled forward, six architectures of the zoo (sliding windows included), and clear
 errors and warnings off its path."""
 
 import warnings
@@ -200,6 +200,28 @@ def test_through_inductor_it_keeps_what_the_eager_lowering_keeps():
         assert torch.equal(mine[..., 0], theirs[..., 0]) and torch.equal(mine[..., OWNER], theirs[..., OWNER])
         torch.testing.assert_close(mine, theirs)  # the priorities: the scores, to rounding
         torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_contexts_of_many_lengths_through_one_compiled_forward():
+    """Six context lengths (two left-padded) through one Inductor-compiled forward: every cache holds
+    its budget, with no warning of ours (a recompile per length would pass Dynamo's limit of 8 and
+    run the rest dense: "strict" makes that an error)."""
+    model = models.tiny_llama()
+    torch.compiler.reset()
+    compiled = torch.compile(model.forward, backend="sparse",
+                             options={"kv": {"method": "kvzip", "compression_ratio": 0.5}, "strict": True})
+    generator = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compile_sparse.SparseWarning)
+        for length, pads in [(24, 0), (31, 0), (40, 5), (47, 0), (56, 9), (63, 0)]:
+            input_ids = torch.randint(3, 128, (2, length), generator=generator)
+            mask = torch.ones_like(input_ids)
+            mask[1, :pads] = 0
+            cache, _ = compile_sparse.compress_context(compiled, TOKENIZER, input_ids, mask)
+            for layer in cache.layers:
+                assert layer.keys.shape[2] == length // 2
+                real = (kept_positions(layer) >= 0).sum(-1)  # (2, Hkv)
+                assert real.tolist() == [[length // 2] * 2, [(length - pads) // 2] * 2], (length, real)
 
 
 def test_off_its_path_it_says_so():
