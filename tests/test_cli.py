@@ -154,15 +154,13 @@ def test_eval_without_a_setting_is_an_error(capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
-def test_eval_settings_accept_a_criterion_eval_calibrates_and_refuse_a_bad_value():
+def test_eval_settings_accept_a_criterion_eval_calibrates_and_refuse_a_bad_value(capsys):
     """FLAP needs calibration batches, which eval adds from the calibration speeches after loading
-    the model: the early check of the settings must not refuse it, but still refuses a bad ratio."""
-    from argparse import Namespace
-
-    from compile_sparse.cli import _settings
-
+    the model: the early check of the settings (before the model loads) must not refuse it, but
+    still refuses a bad ratio, naming it."""
     flap = {"prune": {"method": "flap", "mlp_ratio": 0.2}}
-    assert _settings(Namespace(options=[json.dumps(flap)], method=None, ratios=None)) == [flap]
     bad = {"prune": {"method": "flap", "mlp_ratio": 1.5}}
-    with pytest.raises(ValueError, match="1.5"):
-        _settings(Namespace(options=[json.dumps(bad)], method=None, ratios=None))
+    assert main(["eval", "smollm2", "--protocol", "window-ppl", "--options", json.dumps(flap),
+                 "--options", json.dumps(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "1.5" in error and "calibration" not in error
