@@ -1,8 +1,8 @@
 """KVzip: a context compressed by the model re-reading it (``compile_sparse.compress_context``).
 Identity at ratio 0, the exact budget and bytes (uniform and per-head), the kept tokens against a
 reference from the eager model's attention during the re-read, a left-padded row as it is alone,
-Inductor as the eager lowering, contexts of six lengths through one compiled forward, six architectures of the zoo (sliding windows included), and clear
-errors and warnings off its path."""
+Inductor as the eager lowering, contexts of six lengths through one compiled forward, six
+architectures of the zoo (sliding windows included), and clear errors and warnings off its path."""
 
 import warnings
 
