@@ -57,7 +57,8 @@ def _recompile_limit(message: str) -> None:
     function = next((line.strip() for line in message.splitlines() if line.strip().startswith("function:")), message)
     notify(("recompile limit", function), f"Dynamo hit its recompile limit ({function}): from now on, inputs of a "
            "shape no compiled graph accepts run eagerly, WITHOUT the compression of backend='sparse' (a token "
-           "method compiles one graph per prompt length; use the 'strict' option to make this an error)", False)
+           "method, or any compile with dynamic=False, takes one graph per prompt length; use the 'strict' "
+           "option to make this an error)", False)
 
 
 def _report_undone(report: GraphReport, options: SparseOptions) -> None:
